@@ -1,0 +1,192 @@
+//! Time: a millisecond [`Timestamp`] and the [`Clock`] every store and engine reads it from.
+//!
+//! Stores never read the system clock themselves; they take `now` as an argument, so tests drive
+//! lease expiry, backoff and reaping with a clock they control (tokio's paused clock through
+//! [`TokioClock`], or a [`ManualClock`]).
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch (UTC).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The epoch itself; a useful start for test clocks.
+    pub const EPOCH: Timestamp = Timestamp(0);
+
+    /// From milliseconds since the epoch.
+    pub const fn from_millis(ms: i64) -> Self {
+        Timestamp(ms)
+    }
+
+    /// Milliseconds since the epoch.
+    pub const fn as_millis(self) -> i64 {
+        self.0
+    }
+
+    /// This instant plus a duration (saturating).
+    pub fn add(self, d: Duration) -> Self {
+        Timestamp(
+            self.0
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
+    }
+
+    /// This instant minus a duration (saturating).
+    pub fn sub(self, d: Duration) -> Self {
+        Timestamp(
+            self.0
+                .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
+    }
+
+    /// The time from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Timestamp({}ms)", self.0)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}ms", self.0)
+    }
+}
+
+/// Where the engine and stores get "now" from.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The real wall clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Timestamp(ms)
+    }
+}
+
+/// Wall-clock time that advances with tokio's clock: a fixed start plus the elapsed
+/// `tokio::time::Instant`. Under `#[tokio::test(start_paused = true)]` it moves exactly as far as
+/// the paused clock does, so timestamps in stores and events agree with the engine's timers.
+#[derive(Debug, Clone)]
+pub struct TokioClock {
+    origin_wall: Timestamp,
+    origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// Starts at the current system time.
+    pub fn new() -> Self {
+        Self::starting_at(SystemClock.now())
+    }
+
+    /// Starts at a given wall time (tests use a fixed one for reproducible output).
+    pub fn starting_at(start: Timestamp) -> Self {
+        TokioClock {
+            origin_wall: start,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        self.origin_wall.add(self.origin.elapsed())
+    }
+}
+
+/// A clock that moves only when told to; for store tests.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl ManualClock {
+    /// A clock that reads `start` until advanced.
+    pub fn new(start: Timestamp) -> Self {
+        ManualClock(Arc::new(AtomicI64::new(start.as_millis())))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, d: Duration) {
+        self.0.fetch_add(
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Sets the clock.
+    pub fn set(&self, t: Timestamp) {
+        self.0.store(t.as_millis(), Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arithmetic_saturates_and_since_is_never_negative() {
+        let t = Timestamp::from_millis(1_000);
+        assert_eq!(t.add(Duration::from_secs(2)).as_millis(), 3_000);
+        assert_eq!(t.sub(Duration::from_secs(2)).as_millis(), -1_000);
+        assert_eq!(
+            t.since(Timestamp::from_millis(400)),
+            Duration::from_millis(600)
+        );
+        assert_eq!(Timestamp::from_millis(400).since(t), Duration::ZERO);
+        assert_eq!(
+            Timestamp::from_millis(i64::MAX)
+                .add(Duration::MAX)
+                .as_millis(),
+            i64::MAX
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokio_clock_follows_the_paused_clock() {
+        let c = TokioClock::starting_at(Timestamp::from_millis(10_000));
+        assert_eq!(c.now().as_millis(), 10_000);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(c.now().as_millis(), 15_000);
+    }
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let c = ManualClock::new(Timestamp::EPOCH);
+        assert_eq!(c.now(), Timestamp::EPOCH);
+        c.advance(Duration::from_millis(1500));
+        assert_eq!(c.now().as_millis(), 1500);
+        c.set(Timestamp::from_millis(7));
+        assert_eq!(c.now().as_millis(), 7);
+    }
+}
