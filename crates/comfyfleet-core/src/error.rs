@@ -39,7 +39,8 @@ impl ErrorKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimeoutPhase {
-    /// The job waited in our queue past its deadline before any backend took it.
+    /// The job waited too long in a queue (ours before any backend took it, or a backend's own
+    /// queue behind other executions).
     Queued,
     /// The backend's submit call did not answer.
     Dispatch,
@@ -154,7 +155,7 @@ impl ExecutionError {
     /// the backend for this workflow, go elsewhere), but keep their own detail.
     pub fn timeout(phase: TimeoutPhase, after: std::time::Duration, node: Option<NodeId>) -> Self {
         let what = match phase {
-            TimeoutPhase::Queued => "job waited in the queue past its deadline".to_string(),
+            TimeoutPhase::Queued => "job waited in a queue for too long".to_string(),
             TimeoutPhase::Dispatch => "backend did not answer the submit call".to_string(),
             TimeoutPhase::Start => {
                 "execution was accepted but did not start (server may be stuck)".to_string()

@@ -655,6 +655,7 @@ impl TaskStore for MemoryStore {
             .collect();
         ids.sort();
         let mut items = Vec::new();
+        let mut events = Vec::new();
         for id in ids {
             let job = &s.jobs[&id];
             let Some((reason, action)) = reap_decision(job, options, now) else {
@@ -674,11 +675,12 @@ impl TaskStore for MemoryStore {
             if options.dry_run {
                 continue;
             }
-            apply_reap(&mut s, id, reason, action, now);
+            events.extend(apply_reap(&mut s, id, reason, action, now));
         }
         Ok(ReapReport {
             dry_run: options.dry_run,
             items,
+            events,
         })
     }
 
@@ -829,7 +831,13 @@ pub fn reap_decision(
     }
 }
 
-fn apply_reap(s: &mut Inner, id: JobId, reason: ReapReason, action: ReapAction, now: Timestamp) {
+fn apply_reap(
+    s: &mut Inner,
+    id: JobId,
+    reason: ReapReason,
+    action: ReapAction,
+    now: Timestamp,
+) -> Vec<Event> {
     let job = s.jobs.get_mut(&id).expect("reap only visits existing jobs");
     let claim = job.claims;
     let owner = job
@@ -843,7 +851,7 @@ fn apply_reap(s: &mut Inner, id: JobId, reason: ReapReason, action: ReapAction, 
             s.ready.remove(&key);
             let waited = now.since(s.jobs[&id].created_at);
             let err = ExecutionError::timeout(TimeoutPhase::Queued, waited, None);
-            s.finish_or_retry(id, Next::Fail, err, now);
+            s.finish_or_retry(id, Next::Fail, err, now)
         }
         (_, ReapReason::LeaseExpired) => {
             let outcome = if action == ReapAction::Cancel {
@@ -856,15 +864,17 @@ fn apply_reap(s: &mut Inner, id: JobId, reason: ReapReason, action: ReapAction, 
                 ReapAction::Requeue => {
                     job.crash_requeues += 1;
                     let n = job.crash_requeues;
-                    s.finish_or_retry(id, Next::Retry(now), ExecutionError::transient(""), now);
-                    s.push_event(
+                    let mut evs =
+                        s.finish_or_retry(id, Next::Retry(now), ExecutionError::transient(""), now);
+                    evs.push(s.push_event(
                         id,
                         EventKind::Requeued {
                             reason: format!("lease of {owner} expired; the orchestrator is gone"),
                             crash_requeues: n,
                         },
                         now,
-                    );
+                    ));
+                    evs
                 }
                 ReapAction::Fail => {
                     let n = job.crash_requeues;
@@ -875,10 +885,10 @@ fn apply_reap(s: &mut Inner, id: JobId, reason: ReapReason, action: ReapAction, 
                             n + 1
                         ),
                     );
-                    s.finish_or_retry(id, Next::Fail, err, now);
+                    s.finish_or_retry(id, Next::Fail, err, now)
                 }
                 ReapAction::Cancel => {
-                    s.finish_or_retry(id, Next::Cancel, ExecutionError::cancelled(""), now);
+                    s.finish_or_retry(id, Next::Cancel, ExecutionError::cancelled(""), now)
                 }
             }
         }
@@ -906,7 +916,7 @@ fn apply_reap(s: &mut Inner, id: JobId, reason: ReapReason, action: ReapAction, 
                 now,
             );
             let retry = (action == ReapAction::Requeue).then_some(now);
-            s.apply_failure(id, claim, backend, err, retry, now);
+            s.apply_failure(id, claim, backend, err, retry, now)
         }
     }
 }

@@ -271,12 +271,15 @@ pub struct ReapItem {
 }
 
 /// The reaper's report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReapReport {
     /// Whether anything was changed.
     pub dry_run: bool,
     /// What was found, ordered by job id.
     pub items: Vec<ReapItem>,
+    /// Events appended by a real run (empty for a dry run), for the caller to publish.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Event>,
 }
 
 /// A list query. Newest first; paginate with `before` (the last id of the previous page).

@@ -1,0 +1,8 @@
+//! Engine scenarios under tokio's paused clock: every timing below is exact virtual time, never
+//! wall-clock.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+mod property;
+mod scenarios;

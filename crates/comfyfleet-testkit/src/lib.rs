@@ -1,0 +1,22 @@
+//! # comfyfleet-testkit
+//!
+//! What every test and benchmark of comfyfleet shares, published so that third parties can test
+//! their own backends and stores the same way:
+//!
+//! * [`FakeBackend`] — an in-process [`comfyfleet_core::Backend`], scriptable per job, with a
+//!   fault plan (hang before start, hang mid-node, crash, fail with each error kind, missing node
+//!   type, slow cancel, a node that ignores cancel);
+//! * [`store_conformance`] — the public conformance suite every [`comfyfleet_core::TaskStore`]
+//!   must pass, including a model-based property test of random operation sequences;
+//! * [`backend_conformance`] — the public conformance suite for backends.
+
+#![deny(missing_docs)]
+
+pub mod backend_conformance;
+pub mod fake;
+pub mod store_conformance;
+pub mod workflows;
+
+pub use backend_conformance::{BackendFixtures, backend_conformance};
+pub use fake::{FakeBackend, FakeBackendBuilder, FakeStats, Fault};
+pub use store_conformance::{StoreFactory, store_conformance, store_model_test};

@@ -1,0 +1,1 @@
+//! comfyfleet facade (being written).
