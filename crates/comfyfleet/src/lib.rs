@@ -1,1 +1,371 @@
-//! comfyfleet facade (being written).
+//! # comfyfleet
+//!
+//! Run ComfyUI workflows reliably on a fleet of heterogeneous backends. This facade turns a
+//! [`FleetConfig`] into a running [`Fleet`] and re-exports the crates underneath:
+//!
+//! * [`core`] — vocabulary and the `Backend`, `FailoverStrategy`, `TaskStore` traits;
+//! * [`engine`] — the scheduler and the default `SmartFailover` strategy;
+//! * [`testkit`] (feature `simulated`, on by default) — simulated backends and conformance suites.
+//!
+//! ```
+//! use comfyfleet::{Fleet, FleetConfig, BackendConfig, SimulatedBackend};
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+//! let config = FleetConfig {
+//!     backends: vec![BackendConfig::Simulated(SimulatedBackend::named("gpu-1"))],
+//!     ..FleetConfig::default()
+//! };
+//! let fleet = Fleet::start(config).await?;
+//! let id = fleet.engine().submit(comfyfleet::JobSpec::new(comfyfleet::testkit::workflows::invert())).await?;
+//! let job = fleet.engine().wait_for(id).await?;
+//! assert_eq!(job.state, comfyfleet::JobState::Succeeded);
+//! fleet.shutdown().await;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+#![deny(missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use comfyfleet_core as core;
+pub use comfyfleet_core::{
+    Backend, BackendId, Event, EventKind, FleetEvent, JobId, JobRecord, JobSpec, JobState,
+    MemoryStore, TaskStore, Workflow,
+};
+pub use comfyfleet_engine as engine;
+pub use comfyfleet_engine::{Engine, EngineConfig, SmartFailover, SmartFailoverConfig};
+#[cfg(feature = "simulated")]
+pub use comfyfleet_testkit as testkit;
+
+/// Why a fleet could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FleetError {
+    /// The store URL names a store this build does not have, or is malformed.
+    #[error("store {url:?}: {reason}")]
+    Store {
+        /// The URL as configured.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A backend entry is invalid.
+    #[error("backend {id:?}: {reason}")]
+    Backend {
+        /// The backend's id.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The engine refused the setup (e.g. two backends with one id).
+    #[error(transparent)]
+    Engine(#[from] comfyfleet_engine::EngineError),
+}
+
+/// A simulated backend: an in-process fake ComfyUI with queue semantics and optional faults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedBackend {
+    /// Its id in the fleet.
+    pub id: String,
+    /// Executions at once.
+    #[serde(default = "one")]
+    pub capacity: u32,
+    /// Node classes it has (`None`: anything).
+    #[serde(default)]
+    pub node_classes: Option<Vec<String>>,
+    /// This many of its first submissions are accepted and never start (a hung server).
+    #[serde(default)]
+    pub hang_first: u32,
+    /// Seconds per node without a `seconds` input.
+    #[serde(default)]
+    pub node_seconds: f64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl SimulatedBackend {
+    /// A healthy simulated backend of capacity 1.
+    pub fn named(id: &str) -> Self {
+        SimulatedBackend {
+            id: id.to_owned(),
+            capacity: 1,
+            node_classes: None,
+            hang_first: 0,
+            node_seconds: 0.0,
+        }
+    }
+}
+
+/// One backend of the fleet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BackendConfig {
+    /// A simulated backend (feature `simulated`).
+    Simulated(SimulatedBackend),
+}
+
+/// Engine settings as they appear in configuration (seconds).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSettings {
+    /// Start timeout in seconds (0: off).
+    pub start_timeout_secs: f64,
+    /// Node timeout in seconds (0: off).
+    pub node_timeout_secs: f64,
+    /// Backend queue-wait limit in seconds (0: off).
+    pub queue_timeout_secs: f64,
+    /// Cancel grace in seconds.
+    pub cancel_grace_secs: f64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        let d = EngineConfig::default();
+        EngineSettings {
+            start_timeout_secs: d.start_timeout.as_secs_f64(),
+            node_timeout_secs: d.node_timeout.as_secs_f64(),
+            queue_timeout_secs: d.queue_timeout.as_secs_f64(),
+            cancel_grace_secs: d.cancel_grace.as_secs_f64(),
+        }
+    }
+}
+
+/// Shorthands for [`EngineSettings`].
+#[derive(Debug)]
+pub struct EngineSettingsBuilder;
+
+impl EngineSettingsBuilder {
+    /// Defaults with another start timeout (seconds).
+    pub fn start_timeout(secs: f64) -> EngineSettings {
+        EngineSettings {
+            start_timeout_secs: secs,
+            ..EngineSettings::default()
+        }
+    }
+}
+
+fn secs(field: &'static str, v: f64) -> Result<Duration, FleetError> {
+    Duration::try_from_secs_f64(v).map_err(|_| FleetError::Backend {
+        id: "engine".into(),
+        reason: format!("{field} must be a non-negative number of seconds, got {v}"),
+    })
+}
+
+/// What a fleet is made of.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// Where jobs are kept: `memory:` (this build; `sqlite:` and `postgres://` come with their
+    /// store crates).
+    pub store: String,
+    /// The backends.
+    pub backends: Vec<BackendConfig>,
+    /// Engine settings.
+    pub engine: EngineSettings,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            store: "memory:".into(),
+            backends: Vec::new(),
+            engine: EngineSettings::default(),
+        }
+    }
+}
+
+/// A running fleet: an engine over a store and backends.
+pub struct Fleet {
+    engine: Engine,
+    simulated: Vec<(String, Arc<dyn Backend>)>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("engine", &self.engine)
+            .field(
+                "backends",
+                &self.simulated.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Fleet {
+    /// Builds the store and backends from `config` and starts the engine.
+    pub async fn start(config: FleetConfig) -> Result<Fleet, FleetError> {
+        let store: Arc<dyn TaskStore> = match config.store.as_str() {
+            "memory:" => Arc::new(MemoryStore::new()),
+            other if other.starts_with("sqlite:") || other.starts_with("postgres") => {
+                return Err(FleetError::Store {
+                    url: other.into(),
+                    reason: "this build has only the in-memory store (memory:)".into(),
+                });
+            }
+            other => {
+                return Err(FleetError::Store {
+                    url: other.into(),
+                    reason: "unknown store; use memory:".into(),
+                });
+            }
+        };
+        let mut backends: Vec<(String, Arc<dyn Backend>)> = Vec::new();
+        for b in &config.backends {
+            backends.push(build_backend(b)?);
+        }
+        let e = &config.engine;
+        let engine_config = EngineConfig {
+            start_timeout: secs("start_timeout_secs", e.start_timeout_secs)?,
+            node_timeout: secs("node_timeout_secs", e.node_timeout_secs)?,
+            queue_timeout: secs("queue_timeout_secs", e.queue_timeout_secs)?,
+            cancel_grace: secs("cancel_grace_secs", e.cancel_grace_secs)?,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::builder(store, Arc::new(SmartFailover::default()))
+            .backends(backends.iter().map(|(_, b)| b.clone()))
+            .config(engine_config)
+            .build()?;
+        engine.start();
+        Ok(Fleet {
+            engine,
+            simulated: backends,
+        })
+    }
+
+    /// The engine: submit, cancel, subscribe, inspect.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The backends as built.
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<dyn Backend>> {
+        self.simulated.iter().map(|(_, b)| b)
+    }
+
+    /// Stops taking work and waits (up to 10 s) for running attempts; the rest are handed back
+    /// for reattachment.
+    pub async fn shutdown(&self) {
+        self.engine.shutdown(Duration::from_secs(10)).await;
+    }
+}
+
+fn build_backend(config: &BackendConfig) -> Result<(String, Arc<dyn Backend>), FleetError> {
+    match config {
+        #[cfg(feature = "simulated")]
+        BackendConfig::Simulated(s) => {
+            use comfyfleet_testkit::{FakeBackend, Fault};
+            if s.id.trim().is_empty() {
+                return Err(FleetError::Backend {
+                    id: s.id.clone(),
+                    reason: "id must not be empty".into(),
+                });
+            }
+            if s.capacity == 0 {
+                return Err(FleetError::Backend {
+                    id: s.id.clone(),
+                    reason: "capacity must be at least 1".into(),
+                });
+            }
+            let node =
+                Duration::try_from_secs_f64(s.node_seconds).map_err(|_| FleetError::Backend {
+                    id: s.id.clone(),
+                    reason: format!("node_seconds must be non-negative, got {}", s.node_seconds),
+                })?;
+            let mut b = FakeBackend::builder(&s.id)
+                .capacity(s.capacity)
+                .node_duration(node)
+                .ticks(20)
+                .faults((0..s.hang_first).map(|_| Fault::HangBeforeStart));
+            if let Some(classes) = &s.node_classes {
+                b = b.node_classes(classes.iter().cloned());
+            }
+            let backend: Arc<dyn Backend> = b.build();
+            Ok((s.id.clone(), backend))
+        }
+        #[cfg(not(feature = "simulated"))]
+        BackendConfig::Simulated(s) => Err(FleetError::Backend {
+            id: s.id.clone(),
+            reason: "simulated backends need the `simulated` feature".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_configs_get_clear_errors() {
+        let err = Fleet::start(FleetConfig {
+            store: "sqlite:/tmp/x.db".into(),
+            ..FleetConfig::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("only the in-memory store"),
+            "{err}"
+        );
+        let err = Fleet::start(FleetConfig {
+            store: "redis://x".into(),
+            ..FleetConfig::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown store"), "{err}");
+        let mut zero = SimulatedBackend::named("gpu-1");
+        zero.capacity = 0;
+        let err = Fleet::start(FleetConfig {
+            backends: vec![BackendConfig::Simulated(zero)],
+            ..FleetConfig::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("capacity must be at least 1"),
+            "{err}"
+        );
+        let dup = vec![
+            BackendConfig::Simulated(SimulatedBackend::named("gpu-1")),
+            BackendConfig::Simulated(SimulatedBackend::named("gpu-1")),
+        ];
+        let err = Fleet::start(FleetConfig {
+            backends: dup,
+            ..FleetConfig::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("two backends are named gpu-1"),
+            "{err}"
+        );
+        let mut neg = FleetConfig::default();
+        neg.engine.start_timeout_secs = -1.0;
+        assert!(
+            Fleet::start(neg)
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("start_timeout_secs")
+        );
+    }
+
+    #[test]
+    fn config_parses_from_json_and_rejects_unknown_fields() {
+        let c: FleetConfig = serde_json::from_str(
+            r#"{"backends": [{"kind": "simulated", "id": "gpu-1", "capacity": 2}], "engine": {"start_timeout_secs": 3}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(c.engine.start_timeout_secs, 3.0);
+        assert!(serde_json::from_str::<FleetConfig>(r#"{"backendz": []}"#).is_err());
+    }
+}

@@ -1,0 +1,303 @@
+//! `cargo xtask`: comfyfleet's project automation (CI, architecture checks,
+//! system setup, benches, demo).
+//!
+//! Run `cargo xtask help` for the list of subcommands. `cargo xtask ci` is
+//! the project's single test command: `.ci/run` and the GitHub workflow both
+//! call exactly that.
+//!
+//! Architecture rules live in `arch.rs` (a data table); system requirements
+//! for the test suite live in `setup.rs` (also a data table).
+
+mod arch;
+mod setup;
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <subcommand> [args...]
+
+subcommands:
+  ci              the whole check, in order, stopping at the first failure:
+                    setup, fmt, arch, clippy, test, hygiene
+  test            setup, then the test suite (nextest if installed, else
+                  cargo test) and the doc tests
+  arch            architecture checks on the workspace dependency graph
+  setup           check for (and install / start) system services the tests
+                  need; skipped when COMFYFLEET_SKIP_SETUP=1
+  bench [ARGS]    cargo bench -p comfyfleet-benches [ARGS]
+  demo [ARGS]     cargo run -p comfyfleet-cli -- demo [ARGS]
+  help            this text
+";
+
+fn main() -> ExitCode {
+    let mut args = env::args().skip(1);
+    let Some(cmd) = args.next() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest: Vec<String> = args.collect();
+
+    let takes_no_args = ["ci", "test", "arch", "setup"];
+    if takes_no_args.contains(&cmd.as_str()) && !rest.is_empty() {
+        eprintln!(
+            "xtask: `{cmd}` takes no arguments (got: {})",
+            rest.join(" ")
+        );
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    }
+
+    let result = match cmd.as_str() {
+        "ci" => ci(),
+        "test" => run_steps(&[("setup", setup::run), ("test", tests)]),
+        "arch" => arch::run(),
+        "setup" => setup::run(),
+        "bench" => bench(&rest),
+        "demo" => demo(&rest),
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("xtask: unknown subcommand `{other}`");
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A named CI step.
+type Step = (&'static str, fn() -> Result<()>);
+
+/// `cargo xtask ci`: every step in order, stopping at the first failure.
+fn ci() -> Result<()> {
+    run_steps(&[
+        ("setup", setup::run),
+        ("fmt", fmt),
+        ("arch", arch::run),
+        ("clippy", clippy),
+        ("test", tests),
+        ("hygiene", hygiene),
+    ])
+}
+
+fn run_steps(steps: &[Step]) -> Result<()> {
+    let total = steps.len();
+    let all = Instant::now();
+    for (i, (name, step)) in steps.iter().enumerate() {
+        let n = i + 1;
+        eprintln!("\n==> [{n}/{total}] {name}");
+        let started = Instant::now();
+        let result = step();
+        let took = secs(started.elapsed());
+        match result {
+            Ok(()) => eprintln!("<== [{n}/{total}] {name}: ok ({took})"),
+            Err(e) => {
+                eprintln!("<== [{n}/{total}] {name}: FAILED ({took})");
+                return Err(e.context(format!("step `{name}` failed")));
+            }
+        }
+    }
+    eprintln!(
+        "\n==> all {total} step(s) passed in {}",
+        secs(all.elapsed())
+    );
+    Ok(())
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------
+// steps
+
+fn fmt() -> Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"])
+}
+
+fn clippy() -> Result<()> {
+    let mut args = vec!["clippy", "--workspace", "--all-targets"];
+    if workspace_root()?.join("Cargo.lock").is_file() {
+        args.push("--locked");
+    }
+    args.extend(["--", "-D", "warnings"]);
+    cargo(&args)
+}
+
+fn tests() -> Result<()> {
+    if has_nextest() {
+        cargo(&["nextest", "run", "--workspace", "--no-fail-fast"])?;
+    } else {
+        eprintln!("xtask: cargo-nextest not found, falling back to `cargo test`");
+        cargo(&["test", "--workspace", "--no-fail-fast"])?;
+    }
+    cargo(&["test", "--workspace", "--doc"])
+}
+
+fn has_nextest() -> bool {
+    Command::new(cargo_bin())
+        .args(["nextest", "--version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Crates that must not appear anywhere in the workspace's dependency tree.
+const BANNED_CRATES: &[&str] = &["aws-lc-rs", "openssl-sys"];
+
+fn hygiene() -> Result<()> {
+    let mut found = Vec::new();
+    for krate in BANNED_CRATES {
+        if !cargo_tree_is_empty(krate)? {
+            found.push(*krate);
+        }
+    }
+    if !found.is_empty() {
+        bail!(
+            "banned crate(s) in the dependency tree: {} (see the trees above; \
+             pick rustls with the `ring` provider / no native-tls instead)",
+            found.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `cargo tree -i <krate> --workspace`: `Ok(true)` when the crate is absent.
+fn cargo_tree_is_empty(krate: &str) -> Result<bool> {
+    let args = ["tree", "-i", krate, "--workspace"];
+    eprintln!("$ cargo {}", args.join(" "));
+    let out = Command::new(cargo_bin())
+        .args(args)
+        .current_dir(workspace_root()?)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running `cargo {}`", args.join(" ")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        if stderr.contains("did not match any packages") {
+            eprintln!("  {krate}: not in the dependency tree (ok)");
+            return Ok(true);
+        }
+        eprint!("{stderr}");
+        bail!("`cargo {}` failed ({})", args.join(" "), out.status);
+    }
+    if stdout.trim().is_empty() {
+        // In Cargo.lock but not reachable on this platform ("nothing to print").
+        eprintln!("  {krate}: not in the dependency tree (ok)");
+        return Ok(true);
+    }
+    eprintln!("  {krate}: FOUND in the dependency tree:");
+    eprint!("{stdout}");
+    Ok(false)
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    let mut args: Vec<&str> = vec!["bench", "-p", "comfyfleet-benches"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
+}
+
+fn demo(extra: &[String]) -> Result<()> {
+    let mut args: Vec<&str> = vec!["run", "-p", "comfyfleet-cli", "--", "demo"];
+    // `cargo xtask demo -- --flag` and `cargo xtask demo --flag` mean the same.
+    let extra = match extra.first() {
+        Some(first) if first == "--" => &extra[1..],
+        _ => extra,
+    };
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
+}
+
+// ---------------------------------------------------------------------------
+// process helpers
+
+/// The cargo that launched us (`cargo xtask` sets `$CARGO`), else `cargo`.
+fn cargo_bin() -> String {
+    env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+/// The workspace root (xtask lives at `<root>/xtask`).
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest dir has no parent")
+}
+
+/// Runs `cargo <args>` in the workspace root with inherited stdio.
+fn cargo(args: &[&str]) -> Result<()> {
+    eprintln!("$ cargo {}", args.join(" "));
+    run_status(Command::new(cargo_bin()).args(args), "cargo", args)
+}
+
+/// Runs `program <args>` in the workspace root with inherited stdio.
+fn run(program: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+    let shown: Vec<String> = envs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(std::iter::once(program.to_owned()))
+        .chain(args.iter().map(|a| (*a).to_owned()))
+        .collect();
+    eprintln!("$ {}", shown.join(" "));
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    run_status(&mut cmd, program, args)
+}
+
+fn run_status(cmd: &mut Command, program: &str, args: &[&str]) -> Result<()> {
+    let status = cmd
+        .current_dir(workspace_root()?)
+        .status()
+        .with_context(|| format!("could not start `{program}`"))?;
+    if !status.success() {
+        bail!("`{} {}` failed ({status})", program, args.join(" "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static RAN: AtomicUsize = AtomicUsize::new(0);
+
+    #[test]
+    fn steps_stop_at_the_first_failure() {
+        let err = run_steps(&[
+            ("one", || {
+                RAN.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }),
+            ("two", || bail!("boom")),
+            ("three", || {
+                RAN.fetch_add(100, Ordering::SeqCst);
+                Ok(())
+            }),
+        ])
+        .unwrap_err();
+        assert_eq!(format!("{err:#}"), "step `two` failed: boom");
+        assert_eq!(RAN.load(Ordering::SeqCst), 1);
+    }
+}

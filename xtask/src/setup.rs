@@ -1,0 +1,269 @@
+//! `cargo xtask setup`: make sure the system services the test suite needs
+//! are installed and running. `cargo xtask ci` and `cargo xtask test` run
+//! this first. Set `COMFYFLEET_SKIP_SETUP=1` to skip it entirely (e.g. when
+//! the machine is provisioned some other way).
+//!
+//! # Adding a requirement
+//!
+//! Append one entry to [`REQUIREMENTS`] (they run top to bottom), e.g.:
+//!
+//! ```text
+//!     Requirement {
+//!         name: "postgresql",
+//!         check: || command_ok("pg_isready", &["-q"]),
+//!         install: &[apt_install!["postgresql"], &["service", "postgresql", "start"]],
+//!     },
+//! ```
+//!
+//! * `check` is cheap and side-effect free; `true` means "nothing to do".
+//!   Helpers: [`on_path`] (a binary is installed) and [`command_ok`] (a
+//!   command exits 0, e.g. `pg_isready`, `service ssh status`).
+//! * `install` is a list of commands run in order when `check` fails, usually
+//!   `apt_install![..]` (= `apt-get install -y --no-install-recommends ..`)
+//!   followed by whatever starts the service. `apt-get` always runs with
+//!   `DEBIAN_FRONTEND=noninteractive`, and `apt-get update` runs once before
+//!   the first `apt-get` command. When not root, commands go through `sudo`.
+//! * After `install`, `check` runs again and must pass, else setup fails.
+
+use std::env;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// One system requirement of the test suite.
+#[derive(Debug, Clone, Copy)]
+pub struct Requirement {
+    /// Shown in the log, e.g. `postgresql`.
+    pub name: &'static str,
+    /// `true` when the requirement is already satisfied.
+    pub check: fn() -> bool,
+    /// Commands (argv) that install / start it, run in order.
+    pub install: &'static [&'static [&'static str]],
+}
+
+/// `apt_install!["pkg", ...]`: the argv of a non-interactive, minimal
+/// `apt-get install` (`DEBIAN_FRONTEND=noninteractive` is added when run).
+#[allow(
+    unused_macros,
+    reason = "used by REQUIREMENTS entries as they are added"
+)]
+macro_rules! apt_install {
+    ($($pkg:literal),+ $(,)?) => {
+        &["apt-get", "install", "-y", "--no-install-recommends", $($pkg),+]
+    };
+}
+
+/// What the test suite needs from the system, checked (and installed) in
+/// order. See the module docs for how to add one.
+const REQUIREMENTS: &[Requirement] = &[];
+
+/// `cargo xtask setup`.
+pub fn run() -> Result<()> {
+    if env::var("COMFYFLEET_SKIP_SETUP").is_ok_and(|v| v == "1") {
+        eprintln!("setup: skipped (COMFYFLEET_SKIP_SETUP=1)");
+        return Ok(());
+    }
+    ensure_all(REQUIREMENTS, &mut system_exec)
+}
+
+/// Checks every requirement, installing what is missing through `exec`
+/// (which runs one argv). Stops at the first requirement that cannot be met.
+fn ensure_all(
+    requirements: &[Requirement],
+    exec: &mut dyn FnMut(&[&str]) -> Result<()>,
+) -> Result<()> {
+    if requirements.is_empty() {
+        eprintln!("setup: no system requirements");
+        return Ok(());
+    }
+    let mut apt_updated = false;
+    for req in requirements {
+        if (req.check)() {
+            eprintln!("setup: {}: ok", req.name);
+            continue;
+        }
+        eprintln!("setup: {}: missing, installing", req.name);
+        if req.install.is_empty() {
+            bail!("setup: `{}` is missing and has no install recipe", req.name);
+        }
+        for argv in req.install {
+            if argv.first() == Some(&"apt-get") && !apt_updated {
+                exec(&["apt-get", "update"]).with_context(|| hint(req.name))?;
+                apt_updated = true;
+            }
+            exec(argv).with_context(|| hint(req.name))?;
+        }
+        if !(req.check)() {
+            bail!(
+                "setup: `{}` is still not available after installing it; {}",
+                req.name,
+                hint(req.name)
+            );
+        }
+        eprintln!("setup: {}: installed", req.name);
+    }
+    Ok(())
+}
+
+fn hint(name: &str) -> String {
+    format!(
+        "could not install `{name}` automatically (setup uses apt-get, via sudo when not root); \
+         install it by hand, or set COMFYFLEET_SKIP_SETUP=1 to skip setup"
+    )
+}
+
+/// Runs one install command for real: `DEBIAN_FRONTEND=noninteractive` for
+/// apt-get, `sudo` when not root (and sudo exists).
+fn system_exec(argv: &[&str]) -> Result<()> {
+    let (program, args) = argv.split_first().context("empty install command")?;
+    let envs: &[(&str, &str)] = if *program == "apt-get" {
+        &[("DEBIAN_FRONTEND", "noninteractive")]
+    } else {
+        &[]
+    };
+    if !is_root() && on_path("sudo") {
+        // `sudo env K=V prog args`: works whatever sudo's env policy is.
+        let kvs: Vec<String> = envs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut sudo_args: Vec<&str> = vec!["env"];
+        sudo_args.extend(kvs.iter().map(String::as_str));
+        sudo_args.push(program);
+        sudo_args.extend(args);
+        return crate::run("sudo", &sudo_args, &[]);
+    }
+    crate::run(program, args, envs)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// Whether an executable named `bin` is on `$PATH`.
+pub fn on_path(bin: &str) -> bool {
+    env::var_os("PATH")
+        .is_some_and(|paths| env::split_paths(&paths).any(|dir| is_executable(&dir.join(bin))))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Whether `program args..` starts and exits 0 (all output discarded).
+#[allow(dead_code, reason = "for REQUIREMENTS checks as they are added")]
+pub fn command_ok(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn record(log: &mut Vec<String>) -> impl FnMut(&[&str]) -> Result<()> + '_ {
+        |argv| {
+            log.push(argv.join(" "));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn empty_list_does_nothing() {
+        let mut log = Vec::new();
+        ensure_all(&[], &mut record(&mut log)).unwrap();
+        assert!(log.is_empty());
+    }
+
+    #[test]
+    fn satisfied_requirement_is_not_installed() {
+        let reqs = [Requirement {
+            name: "present",
+            check: || true,
+            install: &[apt_install!["present"]],
+        }];
+        let mut log = Vec::new();
+        ensure_all(&reqs, &mut record(&mut log)).unwrap();
+        assert!(log.is_empty());
+    }
+
+    static A_DONE: AtomicBool = AtomicBool::new(false);
+    static B_DONE: AtomicBool = AtomicBool::new(false);
+
+    #[test]
+    fn missing_requirements_install_in_order_with_one_apt_update() {
+        let reqs = [
+            Requirement {
+                name: "a",
+                check: || A_DONE.swap(true, Ordering::SeqCst),
+                install: &[apt_install!["pkg-a"], &["service", "a", "start"]],
+            },
+            Requirement {
+                name: "b",
+                check: || B_DONE.swap(true, Ordering::SeqCst),
+                install: &[apt_install!["pkg-b", "pkg-b2"]],
+            },
+        ];
+        let mut log = Vec::new();
+        ensure_all(&reqs, &mut record(&mut log)).unwrap();
+        assert_eq!(
+            log,
+            [
+                "apt-get update",
+                "apt-get install -y --no-install-recommends pkg-a",
+                "service a start",
+                "apt-get install -y --no-install-recommends pkg-b pkg-b2",
+            ]
+        );
+    }
+
+    #[test]
+    fn still_missing_after_install_fails() {
+        let reqs = [Requirement {
+            name: "never",
+            check: || false,
+            install: &[&["true"]],
+        }];
+        let mut log = Vec::new();
+        let err = ensure_all(&reqs, &mut record(&mut log)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("still not available"),
+            "{err:#}"
+        );
+        assert_eq!(log, ["true"]);
+    }
+
+    #[test]
+    fn failing_install_stops() {
+        let reqs = [Requirement {
+            name: "broken",
+            check: || false,
+            install: &[&["x"], &["y"]],
+        }];
+        let err = ensure_all(&reqs, &mut |_argv: &[&str]| bail!("boom")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("COMFYFLEET_SKIP_SETUP"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn helpers() {
+        assert!(on_path("sh"));
+        assert!(!on_path("definitely-not-a-real-binary-comfyfleet"));
+        assert!(command_ok("true", &[]));
+        assert!(!command_ok("false", &[]));
+        assert!(!command_ok("definitely-not-a-real-binary-comfyfleet", &[]));
+    }
+}
