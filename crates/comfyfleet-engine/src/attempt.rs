@@ -619,6 +619,9 @@ impl AttemptCtx {
             Ok(ev) => {
                 self.inner.publish(ev);
                 self.inner.wake.notify_one();
+                if let Some(at) = retry_at {
+                    self.inner.wake_at(at);
+                }
             }
             Err(e) => warn!(error = %e, "could not record failure"),
         }

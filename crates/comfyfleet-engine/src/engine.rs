@@ -121,6 +121,20 @@ impl Inner {
         }
     }
 
+    /// Wakes the dispatcher when a job released or failed now becomes due at `at`, so it is
+    /// not left waiting for the next idle poll.
+    pub(crate) fn wake_at(&self, at: comfyfleet_core::Timestamp) {
+        let delay = at.since(self.clock.now());
+        let wake = self.wake.clone();
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => wake.notify_one(),
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+
     pub(crate) fn running(&self) -> MutexGuard<'_, HashMap<JobId, RunningEntry>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -180,7 +194,9 @@ impl Inner {
     }
 
     async fn dispatch_loop(self: Arc<Self>) {
+        // Know what each backend has and whether it answers before placing anything.
         self.refresh_inventories().await;
+        self.check_health().await;
         loop {
             if self.shutdown.is_cancelled() {
                 break;
@@ -196,7 +212,14 @@ impl Inner {
                 .claim(&self.config.owner, self.config.lease_ttl, now)
                 .await
             {
-                Ok(Some(claimed)) => self.place(claimed).await,
+                Ok(Some(claimed)) => {
+                    if !self.place(claimed).await {
+                        // Nothing could take that job. Others might, but cycling through every
+                        // waiting job would turn a stalled fleet into a write storm: pause until
+                        // a slot frees, a job arrives, or a moment passes.
+                        self.sleep_or_wake(self.config.capacity_wait).await;
+                    }
+                }
                 Ok(None) => self.sleep_or_wake(self.config.idle_poll).await,
                 Err(e) => {
                     warn!(error = %e, "claim failed; retrying");
@@ -225,19 +248,24 @@ impl Inner {
         }
     }
 
-    async fn place(self: &Arc<Self>, claimed: Claimed) {
+    /// Places a claimed job; false if it had to wait (nothing could take it now).
+    async fn place(self: &Arc<Self>, claimed: Claimed) -> bool {
         let now = self.clock.now();
         let job = &claimed.job;
         let lease = &claimed.lease;
         let workflow = match job.spec.effective_workflow() {
             Ok(w) => w,
-            Err(e) => return self.fail_unplaced(&claimed, e.into()).await,
+            Err(e) => {
+                self.fail_unplaced(&claimed, e.into()).await;
+                return true;
+            }
         };
         if let Some(deadline) = job.deadline
             && deadline <= now
         {
             let err = ExecutionError::timeout(TimeoutPhase::Total, now.since(job.created_at), None);
-            return self.fail_unplaced(&claimed, err).await;
+            self.fail_unplaced(&claimed, err).await;
+            return true;
         }
 
         // After a restart: find the remote execution again instead of running it twice.
@@ -271,7 +299,7 @@ impl Inner {
                         }
                         Err(e) => warn!(job = %lease.job, error = %e, "could not record reattach"),
                     }
-                    return;
+                    return true;
                 }
                 Ok(Ok(None)) => {
                     info!(job = %lease.job, backend = %slot.id, %remote, "previous execution is gone; placing the job again");
@@ -290,7 +318,7 @@ impl Inner {
                 Ok(ev) => self.publish(ev),
                 Err(e) => warn!(job = %lease.job, error = %e, "could not finish a cancel"),
             }
-            return;
+            return true;
         }
 
         let candidates = self.candidates();
@@ -303,7 +331,8 @@ impl Inner {
                         comfyfleet_core::ErrorKind::Internal,
                         format!("strategy picked unknown backend {backend}"),
                     );
-                    return self.fail_unplaced(&claimed, err).await;
+                    self.fail_unplaced(&claimed, err).await;
+                    return true;
                 };
                 let guard = SlotGuard::acquire(slot.clone(), self.wake.clone());
                 let start = comfyfleet_core::AttemptStart {
@@ -323,6 +352,7 @@ impl Inner {
                     }
                     Err(e) => warn!(job = %lease.job, error = %e, "could not record the attempt"),
                 }
+                true
             }
             Placement::Wait { reason, until, .. } => {
                 let run_at = until.unwrap_or_else(|| now.add(self.config.capacity_wait));
@@ -343,14 +373,26 @@ impl Inner {
                         message: format!("{}; last reason: {reason}", err.message),
                         ..err
                     };
-                    return self.fail_unplaced(&claimed, err).await;
+                    self.fail_unplaced(&claimed, err).await;
+                    return true;
                 }
                 match self.store.release(lease, run_at, &reason, now).await {
-                    Ok(ev) => self.publish(ev),
+                    Ok(ev) => {
+                        self.publish(ev);
+                        // A block that runs out is a known moment; capacity and health are
+                        // not, and a freed slot or a passing health check wakes us anyway.
+                        if until.is_some() {
+                            self.wake_at(run_at);
+                        }
+                    }
                     Err(e) => warn!(job = %lease.job, error = %e, "could not release"),
                 }
+                false
             }
-            Placement::Impossible { error, .. } => self.fail_unplaced(&claimed, error).await,
+            Placement::Impossible { error, .. } => {
+                self.fail_unplaced(&claimed, error).await;
+                true
+            }
         }
     }
 
@@ -391,16 +433,21 @@ impl Inner {
                 };
             let now = self.clock.now();
             self.strategy.on_health(&slot.id, &health, now).await;
-            let released = {
+            let (released, recovered) = {
                 let mut st = slot.state();
+                let recovered = health.healthy && !st.health.healthy;
                 st.health = health.clone();
                 if health.healthy && matches!(st.availability, Availability::Quarantined { .. }) {
                     st.availability = Availability::Active;
-                    true
+                    (true, recovered)
                 } else {
-                    false
+                    (false, recovered)
                 }
             };
+            if recovered {
+                info!(backend = %slot.id, "backend healthy again");
+                self.wake.notify_one();
+            }
             if released {
                 info!(backend = %slot.id, "backend healthy again; quarantine lifted");
                 self.publish_fleet(FleetEvent::BackendReleased {
@@ -413,7 +460,11 @@ impl Inner {
     }
 
     async fn health_loop(self: Arc<Self>) {
-        let mut health = tokio::time::interval(self.config.health_interval);
+        // The dispatcher ran the first check; this loop keeps them coming.
+        let mut health = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.config.health_interval,
+            self.config.health_interval,
+        );
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut inventory = tokio::time::interval_at(
             tokio::time::Instant::now() + self.config.inventory_interval,

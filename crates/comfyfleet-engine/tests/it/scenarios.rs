@@ -682,3 +682,35 @@ async fn idempotent_submit_returns_the_same_job() {
     h.finish(one.id).await;
     assert_eq!(a.stats().submitted, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_fleet_does_not_turn_into_a_write_storm() {
+    let a = FakeBackend::builder("gpu-a").build();
+    a.set_healthy(false);
+    let h = harness(&[a.clone()], config());
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids.push(h.submit(JobSpec::new(workflows::invert())).await);
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let mut claims = 0;
+    for id in &ids {
+        let job = store_get(&h.store, *id).await;
+        assert_eq!(job.state, JobState::Pending);
+        claims += job.claims;
+    }
+    // Cycling every job every 500 ms would be 6,000 claims; backing off keeps it near 2/s.
+    assert!(
+        claims <= 200,
+        "{claims} claims in 60 s for a fleet that cannot run anything"
+    );
+    let reason = store_get(&h.store, ids[0])
+        .await
+        .wait_reason
+        .unwrap_or_default();
+    assert!(reason.contains("unhealthy"), "{reason}");
+    a.set_healthy(true);
+    for id in ids {
+        assert_eq!(h.finish(id).await.state, JobState::Succeeded);
+    }
+}
