@@ -497,3 +497,280 @@ impl FailoverStrategy for SmartFailover {
         std::mem::take(&mut s.notices)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comfyfleet_core::{
+        Capabilities, Inventory, JobSpec, MemoryStore, NewJob, TaskStore, TimeoutPhase,
+    };
+    use serde_json::json;
+
+    fn workflow() -> Workflow {
+        Workflow::from_value(json!({"1": {"class_type": "A"}, "2": {"class_type": "SaveImage", "inputs": {"x": ["1", 0]}}}))
+            .unwrap()
+    }
+
+    async fn job() -> JobRecord {
+        let store = MemoryStore::new();
+        let e = store
+            .enqueue(NewJob::new(JobSpec::new(workflow())), Timestamp::EPOCH)
+            .await
+            .unwrap();
+        store.get(e.id).await.unwrap().unwrap()
+    }
+
+    fn cand(id: &str, in_flight: u32, cap: u32) -> Candidate {
+        Candidate {
+            id: BackendId::new(id),
+            capabilities: Capabilities {
+                max_concurrent: cap,
+                ..Capabilities::default()
+            },
+            inventory: Inventory::default(),
+            in_flight,
+            health: Health::ok(),
+            availability: Availability::Active,
+        }
+    }
+
+    fn strategy() -> SmartFailover {
+        SmartFailover::new(SmartFailoverConfig {
+            jitter: false,
+            seed: Some(1),
+            ..Default::default()
+        })
+    }
+
+    fn picked(p: &Placement) -> &str {
+        match p {
+            Placement::Run { backend, .. } => backend.as_str(),
+            other => panic!("expected a pick, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn picks_the_less_loaded_of_two_every_time() {
+        let s = strategy();
+        let (j, w) = (job().await, workflow());
+        for _ in 0..50 {
+            let p = s
+                .pick(
+                    &j,
+                    &w,
+                    &[cand("busy", 3, 4), cand("idle", 0, 4)],
+                    Timestamp::EPOCH,
+                )
+                .await;
+            assert_eq!(picked(&p), "idle");
+        }
+    }
+
+    #[tokio::test]
+    async fn prefers_the_warm_backend_while_it_has_a_slot() {
+        let s = strategy();
+        let (j, w) = (job().await, workflow());
+        s.on_success(
+            &j,
+            &w,
+            &BackendId::new("warm"),
+            Duration::from_secs(1),
+            Timestamp::EPOCH,
+        )
+        .await;
+        let cands = [
+            cand("warm", 1, 2),
+            cand("cold-1", 0, 2),
+            cand("cold-2", 0, 2),
+        ];
+        for _ in 0..20 {
+            assert_eq!(
+                picked(&s.pick(&j, &w, &cands, Timestamp::EPOCH).await),
+                "warm"
+            );
+        }
+        let full = [cand("warm", 2, 2), cand("cold-1", 0, 2)];
+        assert_eq!(
+            picked(&s.pick(&j, &w, &full, Timestamp::EPOCH).await),
+            "cold-1"
+        );
+    }
+
+    #[tokio::test]
+    async fn deterministic_failures_give_up_and_transient_ones_back_off() {
+        let s = strategy();
+        let (j, w) = (job().await, workflow());
+        let b = BackendId::new("b");
+        let d = s
+            .on_failure(
+                &j,
+                &w,
+                &b,
+                &ExecutionError::deterministic("bad"),
+                Timestamp::EPOCH,
+            )
+            .await;
+        assert_eq!(d, Decision::GiveUp);
+        let d = s
+            .on_failure(
+                &j,
+                &w,
+                &b,
+                &ExecutionError::cancelled("x"),
+                Timestamp::EPOCH,
+            )
+            .await;
+        assert_eq!(d, Decision::GiveUp);
+        assert!(!s.is_blocked(&b, w.structure_hash(), Timestamp::EPOCH));
+        let d = s
+            .on_failure(
+                &j,
+                &w,
+                &b,
+                &ExecutionError::transient("503"),
+                Timestamp::EPOCH,
+            )
+            .await;
+        assert_eq!(
+            d,
+            Decision::Retry {
+                delay: Duration::from_secs(1)
+            }
+        );
+        assert_eq!(s.backoff(3), Duration::from_secs(4));
+        assert_eq!(s.backoff(30), Duration::from_secs(60), "capped");
+        let t = ExecutionError::timeout(TimeoutPhase::Start, Duration::from_secs(5), None);
+        let d = s.on_failure(&j, &w, &b, &t, Timestamp::EPOCH).await;
+        assert_eq!(
+            d,
+            Decision::Retry {
+                delay: Duration::ZERO
+            },
+            "a timeout goes elsewhere at once"
+        );
+        assert!(s.is_blocked(&b, w.structure_hash(), Timestamp::EPOCH));
+        assert!(!s.is_blocked(
+            &b,
+            w.structure_hash(),
+            Timestamp::EPOCH.add(Duration::from_secs(60))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_circuit_opens_after_repeated_transient_failures_and_half_opens_after_the_cooldown() {
+        let s = strategy();
+        let (j, w) = (job().await, workflow());
+        let b = BackendId::new("flaky");
+        let t0 = Timestamp::EPOCH;
+        for _ in 0..5 {
+            s.on_failure(
+                &j,
+                &w,
+                &b,
+                &ExecutionError::transient("connection reset"),
+                t0,
+            )
+            .await;
+        }
+        let notices = s.take_notices(t0);
+        assert!(
+            notices
+                .iter()
+                .any(|n| matches!(n, FleetEvent::CircuitOpened { backend, .. } if *backend == b)),
+            "{notices:?}"
+        );
+        let p = s.pick(&j, &w, &[cand("flaky", 0, 1)], t0).await;
+        let Placement::Wait { reason, until, .. } = p else {
+            panic!("{p:?}")
+        };
+        assert!(reason.contains("circuit open"), "{reason}");
+        assert_eq!(until, Some(t0.add(Duration::from_secs(30))));
+        let later = t0.add(Duration::from_secs(30));
+        assert_eq!(
+            picked(&s.pick(&j, &w, &[cand("flaky", 0, 1)], later).await),
+            "flaky"
+        );
+        assert!(
+            s.take_notices(later)
+                .iter()
+                .any(|n| matches!(n, FleetEvent::CircuitClosed { .. }))
+        );
+        // Half-open: one more failure re-opens it at once.
+        s.on_failure(
+            &j,
+            &w,
+            &b,
+            &ExecutionError::transient("connection reset"),
+            later,
+        )
+        .await;
+        assert!(
+            s.take_notices(later)
+                .iter()
+                .any(|n| matches!(n, FleetEvent::CircuitOpened { .. }))
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_health_checks_open_the_circuit() {
+        let s = strategy();
+        let b = BackendId::new("down");
+        for _ in 0..5 {
+            s.on_health(&b, &Health::down("connection refused"), Timestamp::EPOCH)
+                .await;
+        }
+        assert!(
+            s.take_notices(Timestamp::EPOCH)
+                .iter()
+                .any(|n| matches!(n, FleetEvent::CircuitOpened { .. }))
+        );
+        s.on_health(&b, &Health::ok(), Timestamp::EPOCH).await;
+        let (j, w) = (job().await, workflow());
+        assert!(
+            matches!(
+                s.pick(&j, &w, &[cand("down", 0, 1)], Timestamp::EPOCH)
+                    .await,
+                Placement::Wait { .. }
+            ),
+            "one passing check does not close an open circuit"
+        );
+    }
+
+    #[tokio::test]
+    async fn constraints_and_labels_are_permanent_skips() {
+        let s = strategy();
+        let mut j = job().await;
+        let w = workflow();
+        j.spec.constraints.backends = vec![BackendId::new("only")];
+        let p = s
+            .pick(&j, &w, &[cand("other", 0, 1)], Timestamp::EPOCH)
+            .await;
+        let Placement::Impossible { error, skipped } = p else {
+            panic!("{p:?}")
+        };
+        assert!(
+            error
+                .message
+                .contains("other: not among the job's allowed backends"),
+            "{}",
+            error.message
+        );
+        assert_eq!(skipped.len(), 1);
+        j.spec.constraints.backends.clear();
+        j.spec
+            .constraints
+            .labels
+            .insert("gpu".into(), "a100".into());
+        let mut labelled = cand("a100-box", 0, 1);
+        labelled
+            .inventory
+            .labels
+            .insert("gpu".into(), "a100".into());
+        let p = s
+            .pick(&j, &w, &[cand("t4-box", 0, 1), labelled], Timestamp::EPOCH)
+            .await;
+        assert_eq!(picked(&p), "a100-box");
+        let empty = s.pick(&j, &w, &[], Timestamp::EPOCH).await;
+        assert!(matches!(empty, Placement::Impossible { .. }));
+    }
+}

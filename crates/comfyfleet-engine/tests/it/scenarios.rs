@@ -714,3 +714,27 @@ async fn a_stalled_fleet_does_not_turn_into_a_write_storm() {
         assert_eq!(h.finish(id).await.state, JobState::Succeeded);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_subscriber_that_never_reads_does_not_slow_the_engine() {
+    let a = FakeBackend::builder("gpu-a").capacity(4).build();
+    let cfg = comfyfleet_engine::EngineConfig {
+        event_buffer: 16,
+        ..config()
+    };
+    let mut h = harness(&[a], cfg);
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(h.submit(JobSpec::new(workflows::invert())).await);
+    }
+    for id in ids {
+        assert_eq!(h.finish(id).await.state, JobState::Succeeded);
+    }
+    // `h.rx` was subscribed before the first job and never read: it lagged, the engine did not wait.
+    match h.rx.try_recv() {
+        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+            assert!(n > 100, "missed {n}")
+        }
+        other => panic!("expected a lag signal, got {other:?}"),
+    }
+}
