@@ -152,11 +152,11 @@ impl Inner {
         let job = &self.jobs[&id];
         let next = Self::next_after_failure(job, retry_at);
         let mut events = Vec::new();
+        let retry_at = match next {
+            Next::Retry(at) => Some(at),
+            _ => None,
+        };
         if let Some(backend) = backend {
-            let retry_at = match next {
-                Next::Retry(at) => Some(at),
-                _ => None,
-            };
             events.push(self.push_event(
                 id,
                 EventKind::AttemptFailed {
@@ -164,6 +164,16 @@ impl Inner {
                     backend,
                     error: error.clone(),
                     retry_at,
+                },
+                now,
+            ));
+        } else if let Some(until) = retry_at {
+            // Never placed and going back to wait: the state change still gets its event.
+            events.push(self.push_event(
+                id,
+                EventKind::Waiting {
+                    reason: error.message.clone(),
+                    until: Some(until),
                 },
                 now,
             ));
@@ -692,7 +702,7 @@ impl TaskStore for MemoryStore {
         let limit = filter.effective_limit()?;
         let s = self.lock();
         let mut matching: Vec<&JobRecord> = s.jobs.values().filter(|j| filter.matches(j)).collect();
-        matching.sort_by(|a, b| b.id.cmp(&a.id));
+        matching.sort_by_key(|j| std::cmp::Reverse(j.id));
         let next = (matching.len() > limit).then(|| matching[limit - 1].id);
         Ok(JobPage {
             jobs: matching

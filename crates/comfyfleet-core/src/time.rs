@@ -30,7 +30,8 @@ impl Timestamp {
         self.0
     }
 
-    /// This instant plus a duration (saturating).
+    /// This instant plus a duration (saturating); the same as `t + d`.
+    #[allow(clippy::should_implement_trait)] // it is implemented too; this reads better in chains
     pub fn add(self, d: Duration) -> Self {
         Timestamp(
             self.0
@@ -38,7 +39,8 @@ impl Timestamp {
         )
     }
 
-    /// This instant minus a duration (saturating).
+    /// This instant minus a duration (saturating); the same as `t - d`.
+    #[allow(clippy::should_implement_trait)] // as for `add`
     pub fn sub(self, d: Duration) -> Self {
         Timestamp(
             self.0
@@ -49,6 +51,20 @@ impl Timestamp {
     /// The time from `earlier` to `self`, zero if `earlier` is later.
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_millis(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))
+    }
+}
+
+impl std::ops::Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, d: Duration) -> Timestamp {
+        Timestamp::add(self, d)
+    }
+}
+
+impl std::ops::Sub<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn sub(self, d: Duration) -> Timestamp {
+        Timestamp::sub(self, d)
     }
 }
 

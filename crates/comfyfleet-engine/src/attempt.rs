@@ -41,7 +41,7 @@ impl Drop for SlotGuard {
 }
 
 /// How a stop request ended.
-enum Stopped {
+enum StopResult {
     /// The execution completed before it could be stopped.
     Completed(Vec<Artifact>),
     /// It stopped (interrupted, failed, or its stream ended).
@@ -640,11 +640,11 @@ impl AttemptCtx {
                     action: "none_needed".into(),
                     result: "the backend had not accepted the execution yet".into(),
                 });
-                Stopped::Stopped
+                StopResult::Stopped
             }
         };
         let _ = self.flush().await;
-        if let Stopped::Completed(artifacts) = stopped {
+        if let StopResult::Completed(artifacts) = stopped {
             // The run finished before the cancel took effect: it stays succeeded.
             return self.succeed(artifacts).await;
         }
@@ -687,7 +687,7 @@ async fn stop_execution(
     mut stream: ExecutionStream,
     remote: &RemoteRef,
     steps: &mut Vec<CancelStep>,
-) -> Stopped {
+) -> StopResult {
     let call = inner.config.call_timeout;
     let result = match tokio::time::timeout(call, slot.backend.cancel(remote)).await {
         Ok(Ok(ack)) => format!("{ack:?}"),
@@ -704,10 +704,10 @@ async fn stop_execution(
     loop {
         tokio::select! {
             ev = stream.next() => match ev {
-                Some(ExecutionEvent::Succeeded { artifacts }) => return Stopped::Completed(artifacts),
-                Some(e) if e.is_terminal() => return Stopped::Stopped,
+                Some(ExecutionEvent::Succeeded { artifacts }) => return StopResult::Completed(artifacts),
+                Some(e) if e.is_terminal() => return StopResult::Stopped,
                 Some(_) => {}
-                None => return Stopped::Stopped,
+                None => return StopResult::Stopped,
             },
             _ = &mut grace => break,
         }
@@ -726,7 +726,7 @@ async fn stop_execution(
             result: format!("still running {grace_ms} ms after cancel; {result}"),
         });
         if ok {
-            return Stopped::Escalated;
+            return StopResult::Escalated;
         }
     }
     let reason = format!("execution {remote} did not stop within {grace_ms} ms of a cancel");
@@ -742,5 +742,5 @@ async fn stop_execution(
         action: "quarantine_backend".into(),
         result: format!("{reason}; no new work until a health check passes"),
     });
-    Stopped::Escalated
+    StopResult::Escalated
 }
