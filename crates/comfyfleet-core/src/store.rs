@@ -33,6 +33,15 @@
 //! * **Events.** Every state change appends its event(s) in the same transaction; each event gets
 //!   a global increasing `id` and a per-job `seq` (1, 2, 3, …). Methods return the events they
 //!   appended so the caller can publish them.
+//! * **Fine print** (pinned by the conformance suite, so every store behaves alike):
+//!   `ack_cancel` cancels even without a prior force-cancel; `detach` keeps a pending cancel
+//!   request for the next holder, while `release` and `fail` honour it at once; a running job
+//!   with no attempt yet is never reaped for deadlines or silence (only for lease expiry); when
+//!   several reap reasons apply the order is lease expiry, job deadline, phase deadline, no
+//!   progress, and every limit triggers exactly at its instant; a retry must come strictly before
+//!   the job's deadline; an idempotency key matches any stored job, finished or not, until it is
+//!   pruned; a duplicate job id is `InvalidInput`; `list` returns `next = None` exactly on the
+//!   last page. Event sequences per transition are those of `MemoryStore`.
 //! * No implementation holds a transaction across a call to a backend (the trait makes that
 //!   impossible: every method is one short unit of work).
 
