@@ -680,11 +680,8 @@ mod tests {
 
     #[test]
     fn the_shipped_workflows_validate() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/workflows");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return; // shared/ is beside the clone in CI and here; embedders building alone skip this.
-        };
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/workflows");
+        let entries = std::fs::read_dir(&dir).unwrap();
         let mut seen = 0;
         for e in entries {
             let path = e.unwrap().path();
