@@ -11,7 +11,11 @@
 
 #![deny(missing_docs)]
 
+mod backend;
+mod config;
 pub mod protocol;
 pub mod tracker;
 
+pub use backend::ComfyUiBackend;
+pub use config::ComfyUiConfig;
 pub use tracker::PromptTracker;
