@@ -20,7 +20,8 @@ pub struct ComfyUiConfig {
     pub http_timeout: Duration,
     /// First history/queue check interval after submit; doubles up to `poll_max` (default 50 ms).
     pub poll_min: Duration,
-    /// Longest interval between checks while the socket is healthy (default 1 s).
+    /// Longest interval between checks while the socket is healthy (default 500 ms): it bounds
+    /// completion detection when a socket is silently broken (e.g. behind a proxy).
     pub poll_max: Duration,
     /// Longest interval between checks while the socket is down or silent (default 250 ms).
     pub poll_degraded: Duration,
@@ -43,7 +44,7 @@ impl ComfyUiConfig {
             prefetch: 0,
             http_timeout: Duration::from_secs(10),
             poll_min: Duration::from_millis(50),
-            poll_max: Duration::from_secs(1),
+            poll_max: Duration::from_millis(500),
             poll_degraded: Duration::from_millis(250),
             ping_interval: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(2),

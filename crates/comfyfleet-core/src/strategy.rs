@@ -35,8 +35,8 @@ pub struct Candidate {
     pub id: BackendId,
     /// What it can do.
     pub capabilities: Capabilities,
-    /// What it has.
-    pub inventory: Inventory,
+    /// What it has (shared: placing a job copies no inventories).
+    pub inventory: std::sync::Arc<Inventory>,
     /// Our executions running there now.
     pub in_flight: u32,
     /// Latest health check.

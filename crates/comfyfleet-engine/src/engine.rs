@@ -57,11 +57,11 @@ pub struct BackendStatus {
     /// Operator / engine state.
     pub availability: Availability,
     /// Latest inventory.
-    pub inventory: Inventory,
+    pub inventory: Arc<Inventory>,
 }
 
 pub(crate) struct SlotState {
-    pub(crate) inventory: Inventory,
+    pub(crate) inventory: Arc<Inventory>,
     pub(crate) health: Health,
     pub(crate) availability: Availability,
 }
@@ -417,7 +417,7 @@ impl Inner {
     async fn refresh_inventories(&self) {
         for slot in &self.slots {
             match tokio::time::timeout(self.config.call_timeout, slot.backend.inventory()).await {
-                Ok(Ok(inv)) => slot.state().inventory = inv,
+                Ok(Ok(inv)) => slot.state().inventory = Arc::new(inv),
                 Ok(Err(e)) => warn!(backend = %slot.id, error = %e, "inventory refresh failed"),
                 Err(_) => warn!(backend = %slot.id, "inventory refresh timed out"),
             }
@@ -580,7 +580,7 @@ impl EngineBuilder {
                 caps,
                 in_flight: AtomicU32::new(0),
                 state: Mutex::new(SlotState {
-                    inventory: Inventory::default(),
+                    inventory: Arc::new(Inventory::default()),
                     health: Health::ok(),
                     availability: Availability::Active,
                 }),

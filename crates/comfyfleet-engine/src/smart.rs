@@ -501,9 +501,7 @@ impl FailoverStrategy for SmartFailover {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use comfyfleet_core::{
-        Capabilities, Inventory, JobSpec, MemoryStore, NewJob, TaskStore, TimeoutPhase,
-    };
+    use comfyfleet_core::{Capabilities, JobSpec, MemoryStore, NewJob, TaskStore, TimeoutPhase};
     use serde_json::json;
 
     fn workflow() -> Workflow {
@@ -527,7 +525,7 @@ mod tests {
                 max_concurrent: cap,
                 ..Capabilities::default()
             },
-            inventory: Inventory::default(),
+            inventory: Default::default(),
             in_flight,
             health: Health::ok(),
             availability: Availability::Active,
@@ -762,8 +760,7 @@ mod tests {
             .labels
             .insert("gpu".into(), "a100".into());
         let mut labelled = cand("a100-box", 0, 1);
-        labelled
-            .inventory
+        std::sync::Arc::make_mut(&mut labelled.inventory)
             .labels
             .insert("gpu".into(), "a100".into());
         let p = s
