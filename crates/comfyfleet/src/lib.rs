@@ -102,6 +102,22 @@ impl SimulatedBackend {
     }
 }
 
+/// A self-hosted ComfyUI server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComfyUiServer {
+    /// Its id in the fleet.
+    pub id: String,
+    /// Its base URL, e.g. `http://gpu-1:8188`.
+    pub url: String,
+    /// Extra prompts kept queued on it so its GPU never idles (0: one at a time).
+    #[serde(default)]
+    pub prefetch: u32,
+    /// Labels for routing constraints.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
 /// One backend of the fleet.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -109,6 +125,9 @@ impl SimulatedBackend {
 pub enum BackendConfig {
     /// A simulated backend (feature `simulated`).
     Simulated(SimulatedBackend),
+    /// A ComfyUI server (feature `comfyui`).
+    #[serde(rename = "comfyui")]
+    ComfyUi(ComfyUiServer),
 }
 
 /// Engine settings as they appear in configuration (seconds).
@@ -295,6 +314,28 @@ fn build_backend(config: &BackendConfig) -> Result<(String, Arc<dyn Backend>), F
             id: s.id.clone(),
             reason: "simulated backends need the `simulated` feature".into(),
         }),
+        #[cfg(feature = "comfyui")]
+        BackendConfig::ComfyUi(c) => {
+            let bad = |reason: String| FleetError::Backend {
+                id: c.id.clone(),
+                reason,
+            };
+            if c.id.trim().is_empty() {
+                return Err(bad("id must not be empty".into()));
+            }
+            let url = url::Url::parse(&c.url).map_err(|e| bad(format!("url {:?}: {e}", c.url)))?;
+            let mut config = comfyfleet_comfyui::ComfyUiConfig::new(&c.id, url);
+            config.prefetch = c.prefetch;
+            config.labels = c.labels.clone();
+            let backend =
+                comfyfleet_comfyui::ComfyUiBackend::new(config).map_err(|e| bad(e.to_string()))?;
+            Ok((c.id.clone(), Arc::new(backend) as Arc<dyn Backend>))
+        }
+        #[cfg(not(feature = "comfyui"))]
+        BackendConfig::ComfyUi(c) => Err(FleetError::Backend {
+            id: c.id.clone(),
+            reason: "ComfyUI backends need the `comfyui` feature".into(),
+        }),
     }
 }
 
@@ -355,6 +396,30 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("start_timeout_secs")
+        );
+    }
+
+    #[tokio::test]
+    async fn comfyui_entries_are_checked() {
+        let c: FleetConfig = serde_json::from_str(
+            r#"{"backends": [{"kind": "comfyui", "id": "gpu-1", "url": "ftp://x"}]}"#,
+        )
+        .unwrap();
+        let err = Fleet::start(c).await.unwrap_err();
+        assert!(
+            err.to_string().contains("base URL must be http or https"),
+            "{err}"
+        );
+        let c: FleetConfig = serde_json::from_str(
+            r#"{"backends": [{"kind": "comfyui", "id": "gpu-1", "url": "not a url"}]}"#,
+        )
+        .unwrap();
+        assert!(
+            Fleet::start(c)
+                .await
+                .unwrap_err()
+                .to_string()
+                .contains("url \"not a url\"")
         );
     }
 
