@@ -55,6 +55,7 @@ struct Shared {
     uploaded: Mutex<HashSet<String>>,
     consumed: Mutex<VecDeque<(Instant, String)>>,
     connected: watch::Sender<bool>,
+    max_body: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -117,6 +118,7 @@ impl ComfyUiBackend {
         let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
             client_id: uuid::Uuid::new_v4().simple().to_string(),
+            max_body: std::sync::atomic::AtomicU64::new(config.max_body),
             config,
             http,
             watchers: Mutex::new(HashMap::new()),
@@ -652,6 +654,13 @@ impl Backend for ComfyUiBackend {
                 }
             }
         }
+        if let Ok(features) = s.get_json("api/features").await
+            && let Some(limit) = features.get("max_upload_size").and_then(Value::as_f64)
+            && limit >= 1.0
+        {
+            let limit = (limit as u64).min(s.config.max_body);
+            s.max_body.store(limit, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut facts = std::collections::BTreeMap::new();
         if let Ok(stats) = s.get_json("api/system_stats").await {
             if let Some(v) = stats
@@ -722,6 +731,15 @@ impl Backend for ComfyUiBackend {
             "prompt_id": prompt_id,
             "extra_data": {"comfyfleet": {"job": request.job.to_string(), "attempt": request.attempt}},
         });
+        let size = body.to_string().len() as u64;
+        let limit = self.shared.max_body.load(std::sync::atomic::Ordering::Relaxed);
+        if size >= limit {
+            lock(&self.shared.watchers).remove(&prompt_id);
+            return Err(BackendError::Execution(ExecutionError::deterministic(format!(
+                "the workflow is {size} bytes; {} accepts requests under {limit} bytes",
+                self.shared.config.id
+            ))));
+        }
         let answer = self.shared.post_json("api/prompt", &body).await;
         let (status, text) = match answer {
             Ok(a) => a,

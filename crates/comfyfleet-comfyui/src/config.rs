@@ -31,6 +31,10 @@ pub struct ComfyUiConfig {
     pub connect_timeout: Duration,
     /// Finished prompts' history entries are deleted from the server after this (default 10 min).
     pub history_retention: Duration,
+    /// Largest request body sent (default 100 MiB, ComfyUI's default; lowered to the server's
+    /// own `max_upload_size` from `/api/features` once known). A bigger workflow is refused
+    /// before anything is sent.
+    pub max_body: u64,
     /// Labels for routing constraints.
     pub labels: BTreeMap<String, String>,
 }
@@ -49,6 +53,7 @@ impl ComfyUiConfig {
             ping_interval: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(2),
             history_retention: Duration::from_secs(600),
+            max_body: 100 * 1024 * 1024,
             labels: BTreeMap::new(),
         }
     }
