@@ -100,7 +100,7 @@ fn demo_config(speed: f64) -> FleetConfig {
 }
 
 /// Runs the demo; returns the process exit code.
-pub async fn run(args: DemoArgs) -> Result<i32> {
+pub async fn run(args: DemoArgs, store: Option<String>) -> Result<i32> {
     if !(1..=500).contains(&args.jobs) {
         bail!("--jobs must be between 1 and 500, got {}", args.jobs);
     }
@@ -110,7 +110,12 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
             args.speed
         );
     }
-    let fleet = Fleet::start(demo_config(args.speed))
+    // A fresh database per run unless the user names one: the demo must not mix with real jobs.
+    let temp = std::env::temp_dir().join(format!("comfyfleet-demo-{}", JobId::new()));
+    let store_url = store.unwrap_or_else(|| format!("sqlite:{}", temp.join("demo.db").display()));
+    let mut config = demo_config(args.speed);
+    config.store = store_url.clone();
+    let fleet = Fleet::start(config)
         .await
         .context("starting the demo fleet")?;
     let engine = fleet.engine().clone();
@@ -124,6 +129,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         mp: mp.clone(),
         tty,
     };
+    out.line(format!("store: {store_url}"));
     out.line(format!(
         "comfyfleet demo: {} jobs on gpu-1 (2 slots), gpu-2 (has the custom node FleetNoSuchNode), gpu-3-flaky (hangs on its first 2 prompts); start timeout {:.1}s",
         args.jobs,
@@ -279,6 +285,9 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
                 path.join(" → ")
             );
         }
+    }
+    if store_url.contains("comfyfleet-demo-") {
+        std::fs::remove_dir_all(&temp).ok();
     }
     let ok = jobs.iter().all(|j| j.state == JobState::Succeeded);
     Ok(if ok { 0 } else { 1 })

@@ -1,13 +1,20 @@
 //! `comfyfleet`: the command line.
 //!
-//! For now it has `demo`, which runs a batch of jobs through the engine on three simulated
-//! backends (one of them hangs on its first prompts, so you can watch a failover) with a
-//! progress bar per job, and exits 0 once every job succeeded.
+//! * `demo` runs a batch of jobs through the engine on three simulated backends (one of them
+//!   hangs on its first prompts, so you can watch a failover) with a progress bar per job, and
+//!   exits 0 once every job succeeded.
+//! * `jobs`, `job`, `cancel`, `reap`, `backup`, `prune` work on the store (the local SQLite
+//!   database by default, `--store` or `COMFYFLEET_STORE` to choose).
 
 mod demo;
+mod store_cmds;
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use comfyfleet::JobId;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,6 +26,10 @@ struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `comfyfleet_engine=debug`.
     #[arg(long, global = true, env = "COMFYFLEET_LOG", default_value = "warn")]
     log: String,
+    /// Where jobs are kept: `sqlite:PATH` (default: `sqlite:` = the user's data directory) or
+    /// `memory:`.
+    #[arg(long, global = true, env = "COMFYFLEET_STORE")]
+    store: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,8 +37,61 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a batch of jobs on built-in simulated backends (no setup needed) and show their
-    /// progress; one backend hangs on its first prompts, so you see a failover.
+    /// progress; one backend hangs on its first prompts, so you see a failover. Uses a fresh
+    /// SQLite database in a temporary directory unless `--store` is given.
     Demo(demo::DemoArgs),
+    /// List jobs, newest first, with filters.
+    Jobs(store_cmds::JobsArgs),
+    /// One job: attempts, per-node timings, outputs, events.
+    Job {
+        /// The job id.
+        id: JobId,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel jobs: pending ones at once; with `--force` also running ones.
+    Cancel {
+        /// Job ids.
+        #[arg(required = true)]
+        ids: Vec<JobId>,
+        /// Also stop running jobs.
+        #[arg(long)]
+        force: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find stuck jobs (dead orchestrator, past a deadline, or no progress for `--max-age`) and
+    /// requeue, fail or cancel them; `--dry-run` only reports. Takes a backup first.
+    Reap {
+        /// Report only; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// A running job with no progress for this long is stuck (e.g. `30m`).
+        #[arg(long, value_parser = store_cmds::parse_duration)]
+        max_age: Option<Duration>,
+        /// Jobs whose orchestrator died this many times are failed, not requeued.
+        #[arg(long, default_value_t = 3)]
+        max_crash_requeues: u32,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a consistent copy of the store to a new file.
+    Backup {
+        /// Destination (must not exist).
+        path: PathBuf,
+    },
+    /// Delete finished jobs older than `--older-than` (default 30d), after a backup.
+    Prune {
+        /// Age of finished jobs to delete (e.g. `30d`, `12h`).
+        #[arg(long, default_value = "30d", value_parser = store_cmds::parse_duration)]
+        older_than: Duration,
+        /// Skip the automatic backup.
+        #[arg(long)]
+        no_backup: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -41,8 +105,42 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let code = runtime.block_on(async {
+        if let Command::Demo(args) = cli.command {
+            return demo::run(args, cli.store).await;
+        }
+        let url = cli
+            .store
+            .unwrap_or_else(|| comfyfleet::DEFAULT_STORE.to_owned());
+        let db = comfyfleet::sqlite_path(&url);
+        let store = comfyfleet::open_store(&url).await?;
         match cli.command {
-            Command::Demo(args) => demo::run(args).await,
+            Command::Demo(_) => unreachable!("handled above"),
+            Command::Jobs(a) => store_cmds::jobs(store, a).await,
+            Command::Job { id, json } => store_cmds::job(store, id, json).await,
+            Command::Cancel { ids, force, json } => {
+                store_cmds::cancel(store, ids, force, json).await
+            }
+            Command::Reap {
+                dry_run,
+                max_age,
+                max_crash_requeues,
+                json,
+            } => {
+                store_cmds::reap(
+                    store,
+                    db.as_deref(),
+                    dry_run,
+                    max_age,
+                    max_crash_requeues,
+                    json,
+                )
+                .await
+            }
+            Command::Backup { path } => store_cmds::backup(store, &path).await,
+            Command::Prune {
+                older_than,
+                no_backup,
+            } => store_cmds::prune(store, db.as_deref(), older_than, no_backup).await,
         }
     })?;
     std::process::exit(code);

@@ -73,3 +73,158 @@ fn help_lists_the_demo() {
         .success()
         .stdout(predicate::str::contains("demo"));
 }
+
+fn temp_db() -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("comfyfleet-cli-{}", uuid_like()));
+    let url = format!("sqlite:{}", dir.join("jobs.db").display());
+    (dir, url)
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{n:x}-{}", std::process::id())
+}
+
+fn json_of(cmd: &mut Command) -> serde_json::Value {
+    let out = cmd.assert().success().get_output().stdout.clone();
+    serde_json::from_slice(&out).unwrap()
+}
+
+#[test]
+fn store_commands_work_on_a_sqlite_database() {
+    let (dir, url) = temp_db();
+    // Populate through the demo, on our database.
+    comfyfleet()
+        .args(["demo", "--jobs", "3", "--speed", "20", "--store", &url])
+        .timeout(std::time::Duration::from_secs(120))
+        .assert()
+        .success();
+
+    let page = json_of(comfyfleet().args(["jobs", "--json", "--store", &url]));
+    let jobs = page["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 3);
+    assert!(jobs.iter().all(|j| j["state"] == "succeeded"));
+    let id = jobs[0]["id"].as_str().unwrap().to_string();
+
+    let filtered = json_of(comfyfleet().args([
+        "jobs",
+        "--json",
+        "--state",
+        "failed,cancelled",
+        "--store",
+        &url,
+    ]));
+    assert_eq!(filtered["jobs"].as_array().unwrap().len(), 0);
+
+    let one = json_of(comfyfleet().args(["job", &id, "--json", "--store", &url]));
+    assert_eq!(one["job"]["state"], "succeeded");
+    assert!(
+        !one["job"]["attempts"][0]["nodes"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "per-node timings"
+    );
+    assert_eq!(one["events"][0]["type"], "submitted");
+    comfyfleet()
+        .args(["job", &id, "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("attempt").and(predicate::str::contains("node 2")));
+
+    let res = json_of(comfyfleet().args(["cancel", "--json", &id, "--store", &url]));
+    assert_eq!(res[0]["result"], "already succeeded");
+    comfyfleet()
+        .args([
+            "cancel",
+            "01900000-0000-7000-8000-000000000000",
+            "--store",
+            &url,
+        ])
+        .assert()
+        .code(2)
+        .stdout(predicate::str::contains("not found"));
+    comfyfleet()
+        .args(["cancel", "not-an-id", "--store", &url])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("invalid value 'not-an-id'"));
+
+    comfyfleet()
+        .args(["reap", "--dry-run", "--store", &url])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("no stuck jobs"));
+
+    let copy = dir.join("copy.db");
+    comfyfleet()
+        .args(["backup", copy.to_str().unwrap(), "--store", &url])
+        .assert()
+        .success();
+    assert!(copy.exists());
+    comfyfleet()
+        .args(["backup", copy.to_str().unwrap(), "--store", &url])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("copy.db"));
+    let copied = json_of(comfyfleet().args([
+        "jobs",
+        "--json",
+        "--store",
+        &format!("sqlite:{}", copy.display()),
+    ]));
+    assert_eq!(
+        copied["jobs"].as_array().unwrap().len(),
+        3,
+        "the backup holds every job"
+    );
+
+    comfyfleet()
+        .args(["prune", "--older-than", "0s", "--store", &url])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("backup:")
+                .and(predicate::str::contains("pruned 3 finished job(s)")),
+        );
+    assert!(
+        dir.join("backups").read_dir().unwrap().count() >= 1,
+        "automatic backup before pruning"
+    );
+    let after = json_of(comfyfleet().args(["jobs", "--json", "--store", &url]));
+    assert_eq!(after["jobs"].as_array().unwrap().len(), 0);
+
+    comfyfleet()
+        .args(["prune", "--older-than", "3weeks", "--store", &url])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("unknown unit"));
+    comfyfleet()
+        .args(["jobs", "--store", "redis://x"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("unknown store"));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_corrupt_database_is_refused_and_left_alone() {
+    let (dir, _) = temp_db();
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.db");
+    std::fs::write(&path, b"this is not a database at all, but it is my data").unwrap();
+    comfyfleet()
+        .args(["jobs", "--store", &format!("sqlite:{}", path.display())])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("bad.db"));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"this is not a database at all, but it is my data"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

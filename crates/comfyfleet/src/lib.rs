@@ -11,6 +11,7 @@
 //! use comfyfleet::{Fleet, FleetConfig, BackendConfig, SimulatedBackend};
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
 //! let config = FleetConfig {
+//!     store: "memory:".into(),
 //!     backends: vec![BackendConfig::Simulated(SimulatedBackend::named("gpu-1"))],
 //!     ..FleetConfig::default()
 //! };
@@ -177,12 +178,77 @@ fn secs(field: &'static str, v: f64) -> Result<Duration, FleetError> {
     })
 }
 
+/// The default store: SQLite at [`default_store_path`].
+pub const DEFAULT_STORE: &str = "sqlite:";
+
+/// Where the default SQLite database lives: `$COMFYFLEET_DATA_DIR/comfyfleet.db`, else
+/// `$XDG_DATA_HOME/comfyfleet/comfyfleet.db`, else `~/.local/share/comfyfleet/comfyfleet.db`.
+pub fn default_store_path() -> std::path::PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    let dir = env("COMFYFLEET_DATA_DIR")
+        .or_else(|| env("XDG_DATA_HOME").map(|d| d.join("comfyfleet")))
+        .or_else(|| env("HOME").map(|h| h.join(".local/share/comfyfleet")))
+        .unwrap_or_else(|| std::path::PathBuf::from(".comfyfleet"));
+    dir.join("comfyfleet.db")
+}
+
+/// The database file a store URL names (`sqlite:PATH`; `sqlite:` alone is the default path).
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    Some(if rest.is_empty() {
+        default_store_path()
+    } else {
+        std::path::PathBuf::from(rest)
+    })
+}
+
+/// Opens the store a URL names: `memory:`, or `sqlite:PATH` (feature `sqlite`; the directory is
+/// created if missing). `postgres://` arrives with its store crate.
+pub async fn open_store(url: &str) -> Result<Arc<dyn TaskStore>, FleetError> {
+    let err = |reason: String| FleetError::Store {
+        url: url.to_owned(),
+        reason,
+    };
+    if url == "memory:" {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    if let Some(path) = sqlite_path(url) {
+        #[cfg(feature = "sqlite")]
+        {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+            }
+            let store = comfyfleet_store_sqlite::SqliteStore::open(&path)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            return Ok(Arc::new(store));
+        }
+        #[cfg(not(feature = "sqlite"))]
+        return Err(err(format!(
+            "{} needs the `sqlite` feature",
+            path.display()
+        )));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(err(
+            "this build has no PostgreSQL store yet; use sqlite:PATH or memory:".into(),
+        ));
+    }
+    Err(err("unknown store; use sqlite:PATH or memory:".into()))
+}
+
 /// What a fleet is made of.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
-    /// Where jobs are kept: `memory:` (this build; `sqlite:` and `postgres://` come with their
-    /// store crates).
+    /// Where jobs are kept: `sqlite:PATH` (default `sqlite:`, at [`default_store_path`]) or
+    /// `memory:`.
     pub store: String,
     /// The backends.
     pub backends: Vec<BackendConfig>,
@@ -193,7 +259,7 @@ pub struct FleetConfig {
 impl Default for FleetConfig {
     fn default() -> Self {
         FleetConfig {
-            store: "memory:".into(),
+            store: DEFAULT_STORE.into(),
             backends: Vec::new(),
             engine: EngineSettings::default(),
         }
@@ -221,21 +287,7 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// Builds the store and backends from `config` and starts the engine.
     pub async fn start(config: FleetConfig) -> Result<Fleet, FleetError> {
-        let store: Arc<dyn TaskStore> = match config.store.as_str() {
-            "memory:" => Arc::new(MemoryStore::new()),
-            other if other.starts_with("sqlite:") || other.starts_with("postgres") => {
-                return Err(FleetError::Store {
-                    url: other.into(),
-                    reason: "this build has only the in-memory store (memory:)".into(),
-                });
-            }
-            other => {
-                return Err(FleetError::Store {
-                    url: other.into(),
-                    reason: "unknown store; use memory:".into(),
-                });
-            }
-        };
+        let store = open_store(&config.store).await?;
         let mut backends: Vec<(String, Arc<dyn Backend>)> = Vec::new();
         for b in &config.backends {
             backends.push(build_backend(b)?);
@@ -343,21 +395,33 @@ fn build_backend(config: &BackendConfig) -> Result<(String, Arc<dyn Backend>), F
 mod tests {
     use super::*;
 
+    /// Tests never touch the user's data directory.
+    fn mem() -> FleetConfig {
+        FleetConfig {
+            store: "memory:".into(),
+            ..FleetConfig::default()
+        }
+    }
+
     #[tokio::test]
     async fn bad_configs_get_clear_errors() {
         let err = Fleet::start(FleetConfig {
-            store: "sqlite:/tmp/x.db".into(),
-            ..FleetConfig::default()
+            store: "postgres://db/x".into(),
+            ..mem()
         })
         .await
         .unwrap_err();
-        assert!(
-            err.to_string().contains("only the in-memory store"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("no PostgreSQL store yet"), "{err}");
+        let err = Fleet::start(FleetConfig {
+            store: "sqlite:/proc/nope/x.db".into(),
+            ..mem()
+        })
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("/proc/nope"), "{err}");
         let err = Fleet::start(FleetConfig {
             store: "redis://x".into(),
-            ..FleetConfig::default()
+            ..mem()
         })
         .await
         .unwrap_err();
@@ -366,7 +430,7 @@ mod tests {
         zero.capacity = 0;
         let err = Fleet::start(FleetConfig {
             backends: vec![BackendConfig::Simulated(zero)],
-            ..FleetConfig::default()
+            ..mem()
         })
         .await
         .unwrap_err();
@@ -380,7 +444,7 @@ mod tests {
         ];
         let err = Fleet::start(FleetConfig {
             backends: dup,
-            ..FleetConfig::default()
+            ..mem()
         })
         .await
         .unwrap_err();
@@ -388,7 +452,7 @@ mod tests {
             err.to_string().contains("two backends are named gpu-1"),
             "{err}"
         );
-        let mut neg = FleetConfig::default();
+        let mut neg = mem();
         neg.engine.start_timeout_secs = -1.0;
         assert!(
             Fleet::start(neg)
@@ -402,7 +466,7 @@ mod tests {
     #[tokio::test]
     async fn comfyui_entries_are_checked() {
         let c: FleetConfig = serde_json::from_str(
-            r#"{"backends": [{"kind": "comfyui", "id": "gpu-1", "url": "ftp://x"}]}"#,
+            r#"{"store": "memory:", "backends": [{"kind": "comfyui", "id": "gpu-1", "url": "ftp://x"}]}"#,
         )
         .unwrap();
         let err = Fleet::start(c).await.unwrap_err();
@@ -411,7 +475,7 @@ mod tests {
             "{err}"
         );
         let c: FleetConfig = serde_json::from_str(
-            r#"{"backends": [{"kind": "comfyui", "id": "gpu-1", "url": "not a url"}]}"#,
+            r#"{"store": "memory:", "backends": [{"kind": "comfyui", "id": "gpu-1", "url": "not a url"}]}"#,
         )
         .unwrap();
         assert!(
@@ -420,6 +484,32 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("url \"not a url\"")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sqlite_store_url_opens_and_keeps_jobs() {
+        let dir = std::env::temp_dir().join(format!("comfyfleet-facade-{}", JobId::new()));
+        let url = format!("sqlite:{}", dir.join("sub/fleet.db").display());
+        let store = open_store(&url).await.unwrap();
+        let id = store
+            .enqueue(
+                comfyfleet_core::NewJob::new(JobSpec::new(
+                    Workflow::from_json(r#"{"1":{"class_type":"A"}}"#).unwrap(),
+                )),
+                comfyfleet_core::Timestamp::EPOCH,
+            )
+            .await
+            .unwrap()
+            .id;
+        drop(store);
+        let again = open_store(&url).await.unwrap();
+        assert!(again.get(id).await.unwrap().is_some(), "kept across reopen");
+        std::fs::remove_dir_all(dir).ok();
+        assert_eq!(sqlite_path("sqlite:"), Some(default_store_path()));
+        assert_eq!(
+            sqlite_path("sqlite:///var/x.db"),
+            Some(std::path::PathBuf::from("/var/x.db"))
         );
     }
 
