@@ -37,6 +37,9 @@ use crate::protocol::{
 };
 use crate::tracker::PromptTracker;
 
+/// How long a healthy socket may lag behind the history before the history's word is taken.
+const HISTORY_GRACE: Duration = Duration::from_millis(100);
+
 /// ComfyUI frames can be one full-size image: allow large ones deliberately.
 const MAX_FRAME: usize = 256 << 20;
 
@@ -49,7 +52,10 @@ struct Shared {
     config: ComfyUiConfig,
     http: reqwest::Client,
     client_id: String,
-    watchers: Mutex<HashMap<String, mpsc::UnboundedSender<Signal>>>,
+    /// prompt id → (registration number, sender). A monitor removes only its own registration:
+    /// a reattach may have replaced it.
+    watchers: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Signal>)>>,
+    registrations: std::sync::atomic::AtomicU64,
     running_prompt: Mutex<Option<String>>,
     cancelled: Mutex<HashSet<String>>,
     uploaded: Mutex<HashSet<String>>,
@@ -122,6 +128,7 @@ impl ComfyUiBackend {
             config,
             http,
             watchers: Mutex::new(HashMap::new()),
+            registrations: std::sync::atomic::AtomicU64::new(0),
             running_prompt: Mutex::new(None),
             cancelled: Mutex::new(HashSet::new()),
             uploaded: Mutex::new(HashSet::new()),
@@ -225,7 +232,7 @@ impl Shared {
             _ => {}
         }
         if let Some(t) = target
-            && let Some(w) = lock(&self.watchers).get(&t)
+            && let Some((_, w)) = lock(&self.watchers).get(&t)
         {
             let _ = w.send(Signal::Msg(msg));
         }
@@ -251,7 +258,7 @@ impl Shared {
             _ => return,
         };
         if let Some(p) = prompt
-            && let Some(w) = lock(&self.watchers).get(&p)
+            && let Some((_, w)) = lock(&self.watchers).get(&p)
         {
             let _ = w.send(Signal::Preview(node, image));
         }
@@ -464,7 +471,7 @@ async fn history_sweeper(shared: std::sync::Weak<Shared>, shutdown: Cancellation
 async fn monitor(
     shared: Arc<Shared>,
     prompt_id: String,
-    mut rx: mpsc::UnboundedReceiver<Signal>,
+    (registration, mut rx): Registration,
     tx: mpsc::UnboundedSender<ExecutionEvent>,
 ) {
     let cfg = shared.config.clone();
@@ -475,8 +482,19 @@ async fn monitor(
     let mut last_position: Option<u32> = None;
     let shutdown = shared.shutdown.clone();
     let mut terminal: Option<ExecutionEvent> = None;
+    // The history can answer before the socket delivers the prompt's last messages (two
+    // connections race). With a healthy socket, give it a moment to finish the story first.
+    let mut from_history: Option<(crate::protocol::HistoryOutcome, Instant)> = None;
     while terminal.is_none() {
+        let history_due = from_history.as_ref().map(|(_, at)| *at);
         tokio::select! {
+            _ = async { tokio::time::sleep_until(history_due.unwrap_or_else(Instant::now)).await }, if history_due.is_some() => {
+                if let Some((outcome, _)) = from_history.take() {
+                    for ev in tracker.handle_history(&outcome) {
+                        if ev.is_terminal() { terminal = Some(ev) } else { let _ = tx.send(ev); }
+                    }
+                }
+            }
             _ = shutdown.cancelled() => break,
             _ = tx.closed() => break,
             sig = rx.recv() => match sig {
@@ -502,8 +520,14 @@ async fn monitor(
                 let socket_ok = *connected.borrow();
                 match poll_once(&shared, &prompt_id).await {
                     Ok(Polled::Done(outcome)) => {
-                        for ev in tracker.handle_history(&outcome) {
-                            if ev.is_terminal() { terminal = Some(ev) } else { let _ = tx.send(ev); }
+                        if socket_ok && !tracker.needs_history() {
+                            if from_history.is_none() {
+                                from_history = Some((outcome, Instant::now() + HISTORY_GRACE));
+                            }
+                        } else {
+                            for ev in tracker.handle_history(&outcome) {
+                                if ev.is_terminal() { terminal = Some(ev) } else { let _ = tx.send(ev); }
+                            }
                         }
                     }
                     Ok(Polled::Queue(QueueState::Pending(p))) => {
@@ -547,7 +571,7 @@ async fn monitor(
             }
         }
     }
-    lock(&shared.watchers).remove(&prompt_id);
+    shared.unregister(&prompt_id, registration);
     lock(&shared.cancelled).remove(&prompt_id);
     if let Some(mut ev) = terminal {
         if let ExecutionEvent::Succeeded { artifacts } = &mut ev
@@ -581,8 +605,28 @@ async fn poll_once(shared: &Shared, prompt_id: &str) -> Result<Polled, BackendEr
     })
 }
 
+type Registration = (u64, mpsc::UnboundedReceiver<Signal>);
+
+impl Shared {
+    fn register(&self, prompt_id: &str) -> Registration {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let n = self
+            .registrations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.watchers).insert(prompt_id.to_owned(), (n, tx));
+        (n, rx)
+    }
+
+    fn unregister(&self, prompt_id: &str, registration: u64) {
+        let mut w = lock(&self.watchers);
+        if w.get(prompt_id).is_some_and(|(n, _)| *n == registration) {
+            w.remove(prompt_id);
+        }
+    }
+}
+
 impl ComfyUiBackend {
-    fn start_monitor(&self, prompt_id: &str, rx: mpsc::UnboundedReceiver<Signal>) -> Execution {
+    fn start_monitor(&self, prompt_id: &str, rx: Registration) -> Execution {
         let (tx, events) = mpsc::unbounded_channel();
         let _ = tx.send(ExecutionEvent::Accepted);
         tokio::spawn(monitor(self.shared.clone(), prompt_id.to_owned(), rx, tx));
@@ -592,10 +636,8 @@ impl ComfyUiBackend {
         }
     }
 
-    fn register(&self, prompt_id: &str) -> mpsc::UnboundedReceiver<Signal> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.shared.watchers).insert(prompt_id.to_owned(), tx);
-        rx
+    fn register(&self, prompt_id: &str) -> Registration {
+        self.shared.register(prompt_id)
     }
 }
 
@@ -659,7 +701,8 @@ impl Backend for ComfyUiBackend {
             && limit >= 1.0
         {
             let limit = (limit as u64).min(s.config.max_body);
-            s.max_body.store(limit, std::sync::atomic::Ordering::Relaxed);
+            s.max_body
+                .store(limit, std::sync::atomic::Ordering::Relaxed);
         }
         let mut facts = std::collections::BTreeMap::new();
         if let Ok(stats) = s.get_json("api/system_stats").await {
@@ -732,19 +775,24 @@ impl Backend for ComfyUiBackend {
             "extra_data": {"comfyfleet": {"job": request.job.to_string(), "attempt": request.attempt}},
         });
         let size = body.to_string().len() as u64;
-        let limit = self.shared.max_body.load(std::sync::atomic::Ordering::Relaxed);
+        let limit = self
+            .shared
+            .max_body
+            .load(std::sync::atomic::Ordering::Relaxed);
         if size >= limit {
-            lock(&self.shared.watchers).remove(&prompt_id);
-            return Err(BackendError::Execution(ExecutionError::deterministic(format!(
-                "the workflow is {size} bytes; {} accepts requests under {limit} bytes",
-                self.shared.config.id
-            ))));
+            self.shared.unregister(&prompt_id, rx.0);
+            return Err(BackendError::Execution(ExecutionError::deterministic(
+                format!(
+                    "the workflow is {size} bytes; {} accepts requests under {limit} bytes",
+                    self.shared.config.id
+                ),
+            )));
         }
         let answer = self.shared.post_json("api/prompt", &body).await;
         let (status, text) = match answer {
             Ok(a) => a,
             Err(e) => {
-                lock(&self.shared.watchers).remove(&prompt_id);
+                self.shared.unregister(&prompt_id, rx.0);
                 // The server may have queued it before the connection broke: make sure it does
                 // not run unattended.
                 let me = self.clone();
@@ -756,7 +804,7 @@ impl Backend for ComfyUiBackend {
             }
         };
         if status != 200 {
-            lock(&self.shared.watchers).remove(&prompt_id);
+            self.shared.unregister(&prompt_id, rx.0);
             return Err(classify_submit_error(status, &text).into());
         }
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -775,13 +823,13 @@ impl Backend for ComfyUiBackend {
                 .shared
                 .post_json("api/queue", &json!({"delete": [server_id]}))
                 .await;
-            lock(&self.shared.watchers).remove(&prompt_id);
+            self.shared.unregister(&prompt_id, rx.0);
             let body = json!({"error": {"message": "some outputs failed validation"}, "node_errors": errors});
             return Err(classify_submit_error(400, &body.to_string()).into());
         }
         let rx = if server_id != prompt_id {
             // An old server ignored our id and minted its own.
-            lock(&self.shared.watchers).remove(&prompt_id);
+            self.shared.unregister(&prompt_id, rx.0);
             self.register(&server_id)
         } else {
             rx
@@ -817,12 +865,12 @@ impl Backend for ComfyUiBackend {
         let rx = self.register(id);
         match poll_once(&self.shared, id).await {
             Ok(Polled::Gone) => {
-                lock(&self.shared.watchers).remove(id);
+                self.shared.unregister(id, rx.0);
                 Ok(None)
             }
             Ok(_) => Ok(Some(self.start_monitor(id, rx))),
             Err(e) => {
-                lock(&self.shared.watchers).remove(id);
+                self.shared.unregister(id, rx.0);
                 Err(e)
             }
         }
