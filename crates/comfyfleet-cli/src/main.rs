@@ -40,6 +40,14 @@ enum Command {
     /// progress; one backend hangs on its first prompts, so you see a failover. Uses a fresh
     /// SQLite database in a temporary directory unless `--store` is given.
     Demo(demo::DemoArgs),
+    /// Run the engine over a fleet configuration (TOML) until interrupted: claims jobs from the
+    /// store and runs them on the configured backends. Ctrl-C / SIGTERM shut down gracefully
+    /// (running executions are handed back and reattached by the next start).
+    Worker {
+        /// The fleet configuration file (TOML: `store`, `[[backends]]`, `[engine]`).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// List jobs, newest first, with filters.
     Jobs(store_cmds::JobsArgs),
     /// One job: attempts, per-node timings, outputs, events.
@@ -108,13 +116,16 @@ fn main() -> Result<()> {
         if let Command::Demo(args) = cli.command {
             return demo::run(args, cli.store).await;
         }
+        if let Command::Worker { config } = &cli.command {
+            return worker(config, cli.store.clone()).await;
+        }
         let url = cli
             .store
             .unwrap_or_else(|| comfyfleet::DEFAULT_STORE.to_owned());
         let db = comfyfleet::sqlite_path(&url);
         let store = comfyfleet::open_store(&url).await?;
         match cli.command {
-            Command::Demo(_) => unreachable!("handled above"),
+            Command::Demo(_) | Command::Worker { .. } => unreachable!("handled above"),
             Command::Jobs(a) => store_cmds::jobs(store, a).await,
             Command::Job { id, json } => store_cmds::job(store, id, json).await,
             Command::Cancel { ids, force, json } => {
@@ -144,4 +155,30 @@ fn main() -> Result<()> {
         }
     })?;
     std::process::exit(code);
+}
+
+async fn worker(path: &std::path::Path, store: Option<String>) -> Result<i32> {
+    use anyhow::Context;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config: comfyfleet::FleetConfig = toml::from_str(&text)
+        .with_context(|| format!("{}: invalid fleet configuration", path.display()))?;
+    if let Some(url) = store {
+        config.store = url;
+    }
+    let fleet = comfyfleet::Fleet::start(config).await?;
+    eprintln!("comfyfleet worker: running; Ctrl-C to stop");
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    eprintln!("comfyfleet worker: shutting down");
+    fleet.shutdown().await;
+    Ok(0)
 }

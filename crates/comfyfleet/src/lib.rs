@@ -143,6 +143,12 @@ pub struct EngineSettings {
     pub queue_timeout_secs: f64,
     /// Cancel grace in seconds.
     pub cancel_grace_secs: f64,
+    /// Lease length in seconds (a dead orchestrator's jobs are reclaimed after it).
+    pub lease_ttl_secs: f64,
+    /// Heartbeat interval in seconds (must be well under the lease).
+    pub heartbeat_secs: f64,
+    /// Reaper / maintenance interval in seconds.
+    pub maintenance_secs: f64,
 }
 
 impl Default for EngineSettings {
@@ -153,6 +159,9 @@ impl Default for EngineSettings {
             node_timeout_secs: d.node_timeout.as_secs_f64(),
             queue_timeout_secs: d.queue_timeout.as_secs_f64(),
             cancel_grace_secs: d.cancel_grace.as_secs_f64(),
+            lease_ttl_secs: d.lease_ttl.as_secs_f64(),
+            heartbeat_secs: d.heartbeat_interval.as_secs_f64(),
+            maintenance_secs: d.maintenance_interval.as_secs_f64(),
         }
     }
 }
@@ -298,8 +307,20 @@ impl Fleet {
             node_timeout: secs("node_timeout_secs", e.node_timeout_secs)?,
             queue_timeout: secs("queue_timeout_secs", e.queue_timeout_secs)?,
             cancel_grace: secs("cancel_grace_secs", e.cancel_grace_secs)?,
+            lease_ttl: secs("lease_ttl_secs", e.lease_ttl_secs)?,
+            heartbeat_interval: secs("heartbeat_secs", e.heartbeat_secs)?,
+            maintenance_interval: secs("maintenance_secs", e.maintenance_secs)?,
             ..EngineConfig::default()
         };
+        if engine_config.heartbeat_interval.is_zero()
+            || engine_config.heartbeat_interval * 2 > engine_config.lease_ttl
+            || engine_config.maintenance_interval.is_zero()
+        {
+            return Err(FleetError::Backend {
+                id: "engine".into(),
+                reason: "heartbeat_secs and maintenance_secs must be positive and heartbeat_secs at most half of lease_ttl_secs".into(),
+            });
+        }
         let engine = Engine::builder(store, Arc::new(SmartFailover::default()))
             .backends(backends.iter().map(|(_, b)| b.clone()))
             .config(engine_config)
