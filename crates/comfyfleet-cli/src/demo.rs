@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use comfyfleet::core::{AttemptOutcome, Progress};
+use comfyfleet::testkit::comfyui_sim::{ComfyUiSim, SimConfig};
 use comfyfleet::testkit::workflows;
 use comfyfleet::{
-    BackendConfig, EventKind, Fleet, FleetConfig, FleetEvent, JobId, JobRecord, JobSpec, JobState,
-    SimulatedBackend,
+    BackendConfig, ComfyUiServer, EventKind, Fleet, FleetConfig, FleetEvent, JobId, JobRecord,
+    JobSpec, JobState,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -70,33 +71,36 @@ fn progress_message(backend: &str, p: &Progress) -> String {
     m
 }
 
-fn demo_config(speed: f64) -> FleetConfig {
-    let standard: Vec<String> = workflows::STANDARD_CLASSES
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut with_custom = standard.clone();
-    with_custom.push("FleetNoSuchNode".into());
-    FleetConfig {
+/// Three ComfyUI simulators on loopback: gpu-1 (two slots: one running, one prefetched), gpu-2
+/// (the only one with the custom node `FleetNoSuchNode`), gpu-3-flaky (accepts prompts and
+/// hangs until it has been blocked once).
+async fn demo_fleet(speed: f64) -> Result<(Vec<ComfyUiSim>, FleetConfig)> {
+    let scaled = || SimConfig::scaled(1.0 / speed);
+    let gpu1 = ComfyUiSim::start(scaled()).await?;
+    let mut c2 = scaled();
+    c2.extra_node_classes
+        .insert("FleetNoSuchNode".into(), false);
+    let gpu2 = ComfyUiSim::start(c2).await?;
+    let gpu3 = ComfyUiSim::start(scaled()).await?;
+    gpu3.faults().set_hang_after_accept(true);
+    let server = |id: &str, sim: &ComfyUiSim, prefetch: u32| {
+        BackendConfig::ComfyUi(ComfyUiServer {
+            id: id.into(),
+            url: sim.base_url(),
+            prefetch,
+            labels: Default::default(),
+        })
+    };
+    let config = FleetConfig {
         backends: vec![
-            BackendConfig::Simulated(SimulatedBackend {
-                capacity: 2,
-                node_classes: Some(standard.clone()),
-                ..SimulatedBackend::named("gpu-1")
-            }),
-            BackendConfig::Simulated(SimulatedBackend {
-                node_classes: Some(with_custom),
-                ..SimulatedBackend::named("gpu-2")
-            }),
-            BackendConfig::Simulated(SimulatedBackend {
-                node_classes: Some(standard),
-                hang_first: 2,
-                ..SimulatedBackend::named("gpu-3-flaky")
-            }),
+            server("gpu-1", &gpu1, 1),
+            server("gpu-2", &gpu2, 0),
+            server("gpu-3-flaky", &gpu3, 0),
         ],
         engine: comfyfleet::EngineSettingsBuilder::start_timeout(5.0 / speed),
         ..FleetConfig::default()
-    }
+    };
+    Ok((vec![gpu1, gpu2, gpu3], config))
 }
 
 /// Runs the demo; returns the process exit code.
@@ -113,7 +117,9 @@ pub async fn run(args: DemoArgs, store: Option<String>) -> Result<i32> {
     // A fresh database per run unless the user names one: the demo must not mix with real jobs.
     let temp = std::env::temp_dir().join(format!("comfyfleet-demo-{}", JobId::new()));
     let store_url = store.unwrap_or_else(|| format!("sqlite:{}", temp.join("demo.db").display()));
-    let mut config = demo_config(args.speed);
+    let (sims, mut config) = demo_fleet(args.speed)
+        .await
+        .context("starting the ComfyUI simulators")?;
     config.store = store_url.clone();
     let fleet = Fleet::start(config)
         .await
@@ -131,8 +137,11 @@ pub async fn run(args: DemoArgs, store: Option<String>) -> Result<i32> {
     };
     out.line(format!("store: {store_url}"));
     out.line(format!(
-        "comfyfleet demo: {} jobs on gpu-1 (2 slots), gpu-2 (has the custom node FleetNoSuchNode), gpu-3-flaky (hangs on its first 2 prompts); start timeout {:.1}s",
+        "comfyfleet demo: {} jobs on three ComfyUI simulators over loopback HTTP/WebSocket — gpu-1 ({}), gpu-2 ({}, the only one with the custom node FleetNoSuchNode), gpu-3-flaky ({}, accepts prompts and hangs); start timeout {:.1}s",
         args.jobs,
+        sims[0].base_url(),
+        sims[1].base_url(),
+        sims[2].base_url(),
         5.0 / args.speed
     ));
     let style = ProgressStyle::with_template("{prefix:.bold} [{bar:28.cyan/blue}] {pos:>3}% {msg}")
@@ -211,6 +220,10 @@ pub async fn run(args: DemoArgs, store: Option<String>) -> Result<i32> {
                 }
                 Ok(FleetEvent::BackendBlocked { backend, reason, .. }) => {
                     out.line(format!("{backend} blocked for this workflow for 60s: {reason}"));
+                    if backend.as_str() == "gpu-3-flaky" {
+                        // Its operator fixes it; the block still keeps this workflow away for now.
+                        sims[2].faults().set_hang_after_accept(false);
+                    }
                 }
                 Ok(FleetEvent::BackendUnblocked { backend, .. }) => out.line(format!("{backend} unblocked")),
                 Ok(_) => {}
@@ -240,6 +253,9 @@ pub async fn run(args: DemoArgs, store: Option<String>) -> Result<i32> {
         );
     }
     fleet.shutdown().await;
+    for sim in sims {
+        sim.shutdown().await;
+    }
     if args.json {
         let v: Vec<serde_json::Value> = jobs
             .iter()

@@ -48,6 +48,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a simulator standalone, for any client to talk to.
+    #[command(subcommand)]
+    Sim(SimCommand),
     /// List jobs, newest first, with filters.
     Jobs(store_cmds::JobsArgs),
     /// One job: attempts, per-node timings, outputs, events.
@@ -102,6 +105,67 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum SimCommand {
+    /// A ComfyUI 0.3.64 simulator (HTTP + WebSocket, the `/api` routes, real PNG outputs).
+    Comfyui {
+        /// Port on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 8188)]
+        port: u16,
+        /// Extra node classes it has (comma separated), e.g. custom nodes.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Faults: hang-after-accept, hang-mid-node, stuck-node, silent-websocket, old-interrupt.
+        #[arg(long, value_delimiter = ',')]
+        fault: Vec<String>,
+        /// Time factor for simulated work (1.0: real time; 0.1: ten times faster).
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+    },
+}
+
+async fn sim(cmd: SimCommand) -> Result<i32> {
+    use comfyfleet::testkit::comfyui_sim::{ComfyUiSim, HangMidNode, SimConfig};
+    let SimCommand::Comfyui {
+        port,
+        nodes,
+        fault,
+        time_scale,
+    } = cmd;
+    if !(time_scale.is_finite() && time_scale > 0.0) {
+        anyhow::bail!("--time-scale must be a positive number, got {time_scale}");
+    }
+    let mut config = SimConfig::scaled(time_scale);
+    config.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for n in nodes {
+        config.extra_node_classes.insert(n, false);
+    }
+    for f in &fault {
+        match f.as_str() {
+            "hang-after-accept" => config.faults.hang_after_accept = true,
+            "hang-mid-node" => config.faults.hang_mid_node = Some(HangMidNode::default()),
+            "stuck-node" => {
+                config.faults.hang_mid_node = Some(HangMidNode {
+                    class_type: None,
+                    ignore_interrupt: true,
+                })
+            }
+            "silent-websocket" => config.faults.silent_websocket = true,
+            "old-interrupt" => config.faults.interrupt_ignores_prompt_id = true,
+            other => anyhow::bail!(
+                "unknown fault {other:?} (hang-after-accept, hang-mid-node, stuck-node, silent-websocket, old-interrupt)"
+            ),
+        }
+    }
+    let sim = ComfyUiSim::start(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding 127.0.0.1:{port}: {e}"))?;
+    println!("ComfyUI simulator listening on {}", sim.base_url());
+    tokio::signal::ctrl_c().await?;
+    sim.shutdown().await;
+    Ok(0)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -119,13 +183,18 @@ fn main() -> Result<()> {
         if let Command::Worker { config } = &cli.command {
             return worker(config, cli.store.clone()).await;
         }
+        if let Command::Sim(cmd) = cli.command {
+            return sim(cmd).await;
+        }
         let url = cli
             .store
             .unwrap_or_else(|| comfyfleet::DEFAULT_STORE.to_owned());
         let db = comfyfleet::sqlite_path(&url);
         let store = comfyfleet::open_store(&url).await?;
         match cli.command {
-            Command::Demo(_) | Command::Worker { .. } => unreachable!("handled above"),
+            Command::Demo(_) | Command::Worker { .. } | Command::Sim(_) => {
+                unreachable!("handled above")
+            }
             Command::Jobs(a) => store_cmds::jobs(store, a).await,
             Command::Job { id, json } => store_cmds::job(store, id, json).await,
             Command::Cancel { ids, force, json } => {

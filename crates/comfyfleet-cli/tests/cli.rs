@@ -228,3 +228,41 @@ fn a_corrupt_database_is_refused_and_left_alone() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn the_comfyui_simulator_runs_standalone_and_answers() {
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("comfyfleet"))
+        .args(["sim", "comfyui", "--port", "0", "--nodes", "MyCustomNode"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let info: serde_json::Value = rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::get(format!("{url}/api/object_info"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert!(info.get("MyCustomNode").is_some() && info.get("SaveImage").is_some());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    comfyfleet()
+        .args(["sim", "comfyui", "--fault", "gremlins"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("unknown fault"));
+}

@@ -485,6 +485,8 @@ async fn monitor(
     // The history can answer before the socket delivers the prompt's last messages (two
     // connections race). With a healthy socket, give it a moment to finish the story first.
     let mut from_history: Option<(crate::protocol::HistoryOutcome, Instant)> = None;
+    // Whether the socket has said anything about this prompt: a silent socket gets no grace.
+    let mut socket_spoke = false;
     while terminal.is_none() {
         let history_due = from_history.as_ref().map(|(_, at)| *at);
         tokio::select! {
@@ -499,6 +501,7 @@ async fn monitor(
             _ = tx.closed() => break,
             sig = rx.recv() => match sig {
                 Some(Signal::Msg(m)) => {
+                    socket_spoke = true;
                     for ev in tracker.handle(&m) {
                         if ev.is_terminal() { terminal = Some(ev) } else { let _ = tx.send(ev); }
                     }
@@ -520,7 +523,7 @@ async fn monitor(
                 let socket_ok = *connected.borrow();
                 match poll_once(&shared, &prompt_id).await {
                     Ok(Polled::Done(outcome)) => {
-                        if socket_ok && !tracker.needs_history() {
+                        if socket_ok && socket_spoke && !tracker.needs_history() {
                             if from_history.is_none() {
                                 from_history = Some((outcome, Instant::now() + HISTORY_GRACE));
                             }
@@ -566,8 +569,8 @@ async fn monitor(
                     Err(e) => debug!(prompt = %prompt_id, error = %e, "status check failed; will retry"),
                 }
                 let cap = if socket_ok { cfg.poll_max } else { cfg.poll_degraded };
+                next_poll = Instant::now() + delay.min(cap);
                 delay = (delay * 2).min(cap);
-                next_poll = Instant::now() + delay;
             }
         }
     }

@@ -8,15 +8,19 @@
 //!   type, slow cancel, a node that ignores cancel);
 //! * [`store_conformance`] — the public conformance suite every [`comfyfleet_core::TaskStore`]
 //!   must pass, including a model-based property test of random operation sequences;
-//! * [`backend_conformance`] — the public conformance suite for backends.
+//! * [`backend_conformance`] — the public conformance suite for backends;
+//! * [`ComfyUiSim`] — an in-process ComfyUI 0.3.64 server on loopback (HTTP + WebSocket) with
+//!   fault knobs, faithful to recorded traces.
 
 #![deny(missing_docs)]
 
 pub mod backend_conformance;
+pub mod comfyui_sim;
 pub mod fake;
 pub mod store_conformance;
 pub mod workflows;
 
 pub use backend_conformance::{BackendFixtures, backend_conformance};
+pub use comfyui_sim::{ComfyUiSim, SimConfig, SimFaults, SimStats};
 pub use fake::{FakeBackend, FakeBackendBuilder, FakeStats, Fault};
 pub use store_conformance::{StoreFactory, store_conformance, store_model_test};
