@@ -38,6 +38,7 @@ pub mod progress;
 pub mod store;
 pub mod strategy;
 pub mod time;
+pub mod transition;
 pub mod workflow;
 
 pub use backend::{

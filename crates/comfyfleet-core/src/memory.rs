@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use crate::error::{ErrorKind, ExecutionError, StoreError, TimeoutPhase};
 use crate::event::{Event, EventKind};
 use crate::ids::JobId;
-use crate::job::{Attempt, AttemptOutcome, JobRecord, JobState, LeaseInfo, NodeTiming};
+use crate::job::{Attempt, AttemptOutcome, JobRecord, JobState, LeaseInfo};
 use crate::store::*;
 use crate::time::Timestamp;
 
@@ -49,12 +49,7 @@ impl MemoryStore {
     }
 }
 
-/// Where a failed (or stuck) job goes next.
-enum Next {
-    Retry(Timestamp),
-    Fail,
-    Cancel,
-}
+use crate::transition::{AfterFailure as Next, after_failure, close_attempt, open_attempt};
 
 impl Inner {
     fn ready_key(&self, job: &JobRecord) -> ReadyKey {
@@ -96,49 +91,6 @@ impl Inner {
         Ok(job)
     }
 
-    fn open_attempt(job: &mut JobRecord, lease_attempt: u32) -> Option<&mut Attempt> {
-        job.attempts
-            .last_mut()
-            .filter(|a| a.outcome.is_none() && a.number == lease_attempt)
-    }
-
-    /// Where a job whose attempt failed goes, under the contract's retry rules.
-    fn next_after_failure(job: &JobRecord, retry_at: Option<Timestamp>) -> Next {
-        if job.cancel_requested_at.is_some() {
-            return Next::Cancel;
-        }
-        match retry_at {
-            Some(at)
-                if job.counted_attempts() < job.spec.max_attempts
-                    && job.deadline.is_none_or(|d| at < d) =>
-            {
-                Next::Retry(at)
-            }
-            _ => Next::Fail,
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn close_attempt(
-        job: &mut JobRecord,
-        lease_attempt: u32,
-        outcome: AttemptOutcome,
-        error: Option<ExecutionError>,
-        nodes: Vec<NodeTiming>,
-        steps: Vec<crate::job::CancelStep>,
-        now: Timestamp,
-    ) -> Option<crate::ids::BackendId> {
-        let a = Self::open_attempt(job, lease_attempt)?;
-        a.outcome = Some(outcome);
-        a.ended_at = Some(now);
-        a.error = error;
-        if !nodes.is_empty() {
-            a.nodes = nodes;
-        }
-        a.cancel_steps.extend(steps);
-        Some(a.backend.clone())
-    }
-
     /// Applies a failure decision; returns the events.
     fn apply_failure(
         &mut self,
@@ -150,7 +102,7 @@ impl Inner {
         now: Timestamp,
     ) -> Vec<Event> {
         let job = &self.jobs[&id];
-        let next = Self::next_after_failure(job, retry_at);
+        let next = after_failure(job, retry_at);
         let mut events = Vec::new();
         let retry_at = match next {
             Next::Retry(at) => Some(at),
@@ -373,7 +325,7 @@ impl TaskStore for MemoryStore {
     ) -> Result<Vec<Event>, StoreError> {
         let mut s = self.lock();
         let job = s.fenced(lease)?;
-        if Inner::open_attempt(job, lease.attempt).is_some() {
+        if open_attempt(job, lease.attempt).is_some() {
             return Err(StoreError::InvalidTransition {
                 job: lease.job,
                 state: job.state,
@@ -463,7 +415,7 @@ impl TaskStore for MemoryStore {
         let mut s = self.lock();
         let job = s.fenced(lease)?;
         let state = job.state;
-        let Some(a) = Inner::open_attempt(job, lease.attempt) else {
+        let Some(a) = open_attempt(job, lease.attempt) else {
             return Err(StoreError::InvalidTransition {
                 job: lease.job,
                 state,
@@ -499,7 +451,7 @@ impl TaskStore for MemoryStore {
         let mut s = self.lock();
         let job = s.fenced(lease)?;
         let state = job.state;
-        let Some(backend) = Inner::close_attempt(
+        let Some(backend) = close_attempt(
             job,
             lease.attempt,
             AttemptOutcome::Succeeded,
@@ -542,7 +494,7 @@ impl TaskStore for MemoryStore {
     ) -> Result<Vec<Event>, StoreError> {
         let mut s = self.lock();
         let job = s.fenced(lease)?;
-        let backend = Inner::close_attempt(
+        let backend = close_attempt(
             job,
             lease.attempt,
             failure.outcome,
@@ -613,7 +565,7 @@ impl TaskStore for MemoryStore {
         let mut s = self.lock();
         let job = s.fenced(lease)?;
         let reason = "force-cancelled";
-        Inner::close_attempt(
+        close_attempt(
             job,
             lease.attempt,
             AttemptOutcome::Cancelled,
@@ -629,7 +581,7 @@ impl TaskStore for MemoryStore {
     async fn detach(&self, lease: &Lease, now: Timestamp) -> Result<Vec<Event>, StoreError> {
         let mut s = self.lock();
         let job = s.fenced(lease)?;
-        Inner::close_attempt(
+        close_attempt(
             job,
             lease.attempt,
             AttemptOutcome::Detached,
@@ -869,7 +821,7 @@ fn apply_reap(
             } else {
                 AttemptOutcome::LeaseExpired
             };
-            Inner::close_attempt(job, claim, outcome, None, Vec::new(), Vec::new(), now);
+            close_attempt(job, claim, outcome, None, Vec::new(), Vec::new(), now);
             match action {
                 ReapAction::Requeue => {
                     job.crash_requeues += 1;
@@ -916,7 +868,7 @@ fn apply_reap(
                 ),
                 _ => ExecutionError::timeout(TimeoutPhase::NodeSilence, now.since(since), None),
             };
-            let backend = Inner::close_attempt(
+            let backend = close_attempt(
                 job,
                 claim,
                 AttemptOutcome::TimedOut,

@@ -6,6 +6,9 @@
 //! events, commit. Fenced writes read the job with `state = 'running' AND claims = ?` and write
 //! it back under the same condition; no match is [`StoreError::LeaseLost`] and nothing changes.
 
+use comfyfleet_core::transition::{
+    AfterFailure as Next, after_failure, close_attempt, open_attempt,
+};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -14,8 +17,8 @@ use comfyfleet_core::{
     AttemptOutcome, AttemptStart, AttemptUpdate, BackendId, CancelOutcome, CancelResult,
     CancelStep, Claimed, Completion, Enqueued, ErrorKind, Event, EventKind, EventQuery,
     ExecutionError, Failure, HeartbeatAck, JobFilter, JobId, JobPage, JobRecord, JobState, Lease,
-    NewJob, NodeTiming, ReapAction, ReapItem, ReapOptions, ReapReason, ReapReport, StateCounts,
-    StoreError, TimeoutPhase, Timestamp,
+    NewJob, ReapAction, ReapItem, ReapOptions, ReapReason, ReapReport, StateCounts, StoreError,
+    TimeoutPhase, Timestamp,
 };
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -88,13 +91,6 @@ fn save_unfenced(conn: &Connection, job: &JobRecord, loaded: &Loaded) -> Result<
 // The rules, as in comfyfleet_core::memory (same order of changes and events).
 // ---------------------------------------------------------------------------------------------
 
-/// Where a failed (or stuck) job goes next.
-enum Next {
-    Retry(Timestamp),
-    Fail,
-    Cancel,
-}
-
 fn push_event(
     conn: &Connection,
     job: &mut JobRecord,
@@ -106,48 +102,6 @@ fn push_event(
     Ok(insert_event(conn, job.id, job.last_seq, now, kind)?)
 }
 
-fn open_attempt(job: &mut JobRecord, lease_attempt: u32) -> Option<&mut comfyfleet_core::Attempt> {
-    job.attempts
-        .last_mut()
-        .filter(|a| a.outcome.is_none() && a.number == lease_attempt)
-}
-
-fn next_after_failure(job: &JobRecord, retry_at: Option<Timestamp>) -> Next {
-    if job.cancel_requested_at.is_some() {
-        return Next::Cancel;
-    }
-    match retry_at {
-        Some(at)
-            if job.counted_attempts() < job.spec.max_attempts
-                && job.deadline.is_none_or(|d| at < d) =>
-        {
-            Next::Retry(at)
-        }
-        _ => Next::Fail,
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn close_attempt(
-    job: &mut JobRecord,
-    lease_attempt: u32,
-    outcome: AttemptOutcome,
-    error: Option<ExecutionError>,
-    nodes: Vec<NodeTiming>,
-    steps: Vec<CancelStep>,
-    now: Timestamp,
-) -> Option<BackendId> {
-    let a = open_attempt(job, lease_attempt)?;
-    a.outcome = Some(outcome);
-    a.ended_at = Some(now);
-    a.error = error;
-    if !nodes.is_empty() {
-        a.nodes = nodes;
-    }
-    a.cancel_steps.extend(steps);
-    Some(a.backend.clone())
-}
-
 fn apply_failure(
     conn: &Connection,
     job: &mut JobRecord,
@@ -157,7 +111,7 @@ fn apply_failure(
     retry_at: Option<Timestamp>,
     now: Timestamp,
 ) -> Result<Vec<Event>, StoreError> {
-    let next = next_after_failure(job, retry_at);
+    let next = after_failure(job, retry_at);
     let mut events = Vec::new();
     let retry_at = match next {
         Next::Retry(at) => Some(at),

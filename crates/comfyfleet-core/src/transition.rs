@@ -1,0 +1,64 @@
+//! Pure job-state transition helpers shared by every [`crate::TaskStore`] implementation, so
+//! that the in-memory, SQLite and PostgreSQL stores decide retries and close attempts by one
+//! definition (each store only loads, applies and saves).
+
+use crate::error::ExecutionError;
+use crate::ids::BackendId;
+use crate::job::{Attempt, AttemptOutcome, CancelStep, JobRecord, NodeTiming};
+use crate::time::Timestamp;
+
+/// Where a job goes after its attempt failed (or a stuck attempt was timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// To `retry_wait`, due at this time.
+    Retry(Timestamp),
+    /// To `failed`.
+    Fail,
+    /// To `cancelled`: a force-cancel was requested, and a requested cancel is never lost.
+    Cancel,
+}
+
+/// The store contract's retry rule: a pending cancel wins; otherwise retry only while attempts
+/// remain and strictly before the job's deadline.
+pub fn after_failure(job: &JobRecord, retry_at: Option<Timestamp>) -> AfterFailure {
+    if job.cancel_requested_at.is_some() {
+        return AfterFailure::Cancel;
+    }
+    match retry_at {
+        Some(at)
+            if job.counted_attempts() < job.spec.max_attempts
+                && job.deadline.is_none_or(|d| at < d) =>
+        {
+            AfterFailure::Retry(at)
+        }
+        _ => AfterFailure::Fail,
+    }
+}
+
+/// The attempt the claim `claim` opened, if it is still open.
+pub fn open_attempt(job: &mut JobRecord, claim: u32) -> Option<&mut Attempt> {
+    job.attempts
+        .last_mut()
+        .filter(|a| a.outcome.is_none() && a.number == claim)
+}
+
+/// Closes the claim's open attempt; returns its backend (`None` if no attempt was open).
+pub fn close_attempt(
+    job: &mut JobRecord,
+    claim: u32,
+    outcome: AttemptOutcome,
+    error: Option<ExecutionError>,
+    nodes: Vec<NodeTiming>,
+    steps: Vec<CancelStep>,
+    now: Timestamp,
+) -> Option<BackendId> {
+    let a = open_attempt(job, claim)?;
+    a.outcome = Some(outcome);
+    a.ended_at = Some(now);
+    a.error = error;
+    if !nodes.is_empty() {
+        a.nodes = nodes;
+    }
+    a.cancel_steps.extend(steps);
+    Some(a.backend.clone())
+}
