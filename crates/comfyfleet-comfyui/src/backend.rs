@@ -439,7 +439,12 @@ async fn socket_task(shared: std::sync::Weak<Shared>, shutdown: CancellationToke
 /// Deletes history entries of finished prompts after the retention time, so the server's
 /// memory does not grow with every job (protocol §7.9).
 async fn history_sweeper(shared: std::sync::Weak<Shared>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let every = match shared.upgrade() {
+        Some(s) => (s.config.history_retention / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -380,3 +380,169 @@ async fn bad_input_is_refused_before_anything_reaches_a_server() {
     assert_eq!(job.attempts.len(), 1);
     assert_eq!(s.stats().prompts_received, 0, "nothing was sent");
 }
+
+/// A real PNG made by a simulator (`EmptyImage → SaveImage`).
+async fn a_png() -> bytes::Bytes {
+    let s = sim().await;
+    let e = engine(vec![backend("png", &s)], |_| {});
+    let job = run(&e, JobSpec::new(workflows::invert())).await;
+    s.file("output", "", &job.artifacts[0].filename).unwrap()
+}
+
+fn load_image(name: &str) -> Workflow {
+    Workflow::from_value(json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "uploaded"}}
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_are_uploaded_before_the_prompt_and_follow_a_failover() {
+    let png = a_png().await;
+    let hung = sim().await;
+    hung.faults().set_hang_after_accept(true);
+    let good = sim().await;
+    let e = engine(vec![backend("hung", &hung), backend("good", &good)], |_| {});
+    e.drain(&"good".into()).unwrap();
+    let upload = e.put_input("cat.png", png.clone()).await.unwrap();
+    let mut spec = JobSpec::new(load_image("cat.png"));
+    spec.uploads.push(upload);
+    let id = e.submit(spec).await.unwrap();
+    let mut rx = e.subscribe();
+    loop {
+        if let Ok(comfyfleet_core::FleetEvent::Job(ev)) = rx.recv().await
+            && ev.job == id
+            && ev.kind.name() == "accepted"
+        {
+            break;
+        }
+    }
+    e.enable(&"good".into()).unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(30), e.wait_for(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let path: Vec<&str> = job.attempts.iter().map(|a| a.backend.as_str()).collect();
+    assert_eq!(path, ["hung", "good"]);
+    assert_eq!(
+        hung.file("input", "", "cat.png").unwrap(),
+        png,
+        "uploaded before the first attempt"
+    );
+    assert_eq!(
+        good.file("input", "", "cat.png").unwrap(),
+        png,
+        "and to the backend it failed over to"
+    );
+
+    // An unknown input is refused at submit; a path-like name too.
+    let mut bad = JobSpec::new(load_image("dog.png"));
+    bad.uploads.push(comfyfleet_core::Upload {
+        name: "dog.png".into(),
+        sha256: "0".repeat(64),
+        size: 1,
+    });
+    assert!(
+        e.submit(bad)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("no such input")
+    );
+    assert!(e.put_input("../../etc/passwd", png).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_is_uploaded_once_per_backend() {
+    let png = a_png().await;
+    let s = sim().await;
+    let b = backend("gpu-1", &s);
+    let upload = comfyfleet_core::Upload {
+        name: "cat.png".into(),
+        sha256: comfyfleet_core::inputs::sha256_hex(&png),
+        size: png.len() as u64,
+    };
+    b.upload(&upload, png.clone()).await.unwrap();
+    assert_eq!(s.file("input", "", "cat.png").unwrap(), png);
+    let after_first = s.stats().http_requests;
+    b.upload(&upload, png.clone()).await.unwrap();
+    assert_eq!(
+        s.stats().http_requests,
+        after_first,
+        "the second upload is skipped"
+    );
+    let wrong = comfyfleet_core::Upload {
+        sha256: "f".repeat(64),
+        ..upload
+    };
+    let err = b.upload(&wrong, png).await.unwrap_err();
+    assert!(
+        err.to_string().contains("does not match its sha256"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_history_entries_are_deleted_from_the_server() {
+    let s = sim().await;
+    let mut c = ComfyUiConfig::new("gpu-1", s.base_url().parse().unwrap());
+    c.history_retention = Duration::from_millis(200);
+    let e = engine(vec![ComfyUiBackend::new(c).unwrap()], |_| {});
+    let job = run(&e, JobSpec::new(workflows::invert())).await;
+    let prompt = job.attempts[0].remote.clone().unwrap();
+    let url = format!("{}/api/history/{prompt}", s.base_url());
+    let before: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert!(
+        before.get(prompt.as_str()).is_some(),
+        "kept for a while (reattach can still read it)"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let after: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(after, json!({}), "deleted after the retention time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_prefetch_the_next_prompt_waits_queued_on_the_server_without_timing_out() {
+    let s = sim().await;
+    let mut c = ComfyUiConfig::new("gpu-1", s.base_url().parse().unwrap());
+    c.prefetch = 1;
+    // Start timeout 1 s; each job runs ~2.5 s, so the prefetched one waits longer than that.
+    let e = engine(vec![ComfyUiBackend::new(c).unwrap()], |_| {});
+    let a = e
+        .submit(JobSpec::new(workflows::sleep_with_prefix(50.0, "pf_a")))
+        .await
+        .unwrap();
+    let b = e
+        .submit(JobSpec::new(workflows::sleep_with_prefix(50.0, "pf_b")))
+        .await
+        .unwrap();
+    for id in [a, b] {
+        let job = tokio::time::timeout(Duration::from_secs(30), e.wait_for(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+        assert_eq!(job.attempts.len(), 1, "the queued prompt was not timed out");
+    }
+    // Both were submitted at once; whichever reached the server second waited at position 1.
+    let mut queued_behind = 0;
+    for id in [a, b] {
+        let events = e.events(id).await.unwrap();
+        if events.iter().any(|ev| {
+            matches!(
+                ev.kind,
+                comfyfleet_core::EventKind::Queued { position: 1, .. }
+            )
+        }) {
+            queued_behind += 1;
+        }
+    }
+    assert_eq!(
+        queued_behind, 1,
+        "one prompt was prefetched onto the server behind the other"
+    );
+    assert_eq!(s.stats().max_queue_remaining, 2);
+}

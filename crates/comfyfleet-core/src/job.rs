@@ -163,6 +163,16 @@ impl JobSpec {
                 "idempotency_key must be 1 to 256 characters".into(),
             ));
         }
+        for u in &self.uploads {
+            crate::inputs::check_input_name(&u.name)
+                .map_err(|e| SpecError::Invalid(e.to_string()))?;
+            if u.sha256.len() != 64 || !u.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(SpecError::Invalid(format!(
+                    "upload {}: sha256 must be 64 hex digits",
+                    u.name
+                )));
+            }
+        }
         if self.deadline_ms == Some(0) {
             return Err(SpecError::Invalid("deadline_ms must be positive".into()));
         }

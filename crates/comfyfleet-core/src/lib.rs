@@ -32,6 +32,7 @@ pub mod backend;
 pub mod error;
 pub mod event;
 pub mod ids;
+pub mod inputs;
 pub mod job;
 pub mod memory;
 pub mod progress;
@@ -48,6 +49,7 @@ pub use backend::{
 pub use error::{BackendError, ErrorDetail, ErrorKind, ExecutionError, StoreError, TimeoutPhase};
 pub use event::{Event, EventKind, FleetEvent, Skip};
 pub use ids::{BackendId, JobId, RemoteRef};
+pub use inputs::{InputStore, MemoryInputs};
 pub use job::{
     Artifact, Attempt, AttemptOutcome, CancelStep, Constraints, JobRecord, JobSpec, JobState,
     JobSummary, LeaseInfo, NodeTiming, PhaseDeadline, SpecError, TimeoutOverrides, Upload,

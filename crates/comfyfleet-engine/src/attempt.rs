@@ -208,8 +208,32 @@ impl AttemptCtx {
         };
         let backend = self.slot().backend.clone();
         let timeout = self.inner.config.dispatch_timeout;
+        let inputs = self.inner.inputs.clone();
+        let work = async {
+            // Inputs first (the backend skips what it already has), then the prompt.
+            for u in &request.uploads {
+                let bytes = match inputs.get(&u.sha256).await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => {
+                        return Err(comfyfleet_core::BackendError::Execution(
+                            ExecutionError::deterministic(format!(
+                                "input {} ({}) is not in the input store",
+                                u.name, u.sha256
+                            )),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(comfyfleet_core::BackendError::Execution(
+                            ExecutionError::transient(format!("reading input {}: {e}", u.name)),
+                        ));
+                    }
+                };
+                backend.upload(u, bytes).await?;
+            }
+            backend.submit(request).await
+        };
         tokio::select! {
-            r = tokio::time::timeout(timeout, backend.submit(request)) => match r {
+            r = tokio::time::timeout(timeout, work) => match r {
                 Ok(Ok(exec)) => Ok(exec),
                 Ok(Err(e)) => Err(Exit::Failed(e.into_execution_error(), AttemptOutcome::Failed, false)),
                 Err(_) => Err(Exit::Failed(

@@ -91,6 +91,7 @@ pub(crate) struct Inner {
     pub(crate) config: EngineConfig,
     pub(crate) store: Arc<dyn TaskStore>,
     pub(crate) strategy: Arc<dyn FailoverStrategy>,
+    pub(crate) inputs: Arc<dyn comfyfleet_core::InputStore>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) slots: Vec<Arc<BackendSlot>>,
     pub(crate) events: broadcast::Sender<FleetEvent>,
@@ -526,6 +527,7 @@ pub struct EngineBuilder {
     backends: Vec<Arc<dyn Backend>>,
     config: EngineConfig,
     clock: Option<Arc<dyn Clock>>,
+    inputs: Option<Arc<dyn comfyfleet_core::InputStore>>,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -565,6 +567,12 @@ impl EngineBuilder {
         self
     }
 
+    /// Sets where input files are kept (default: in memory).
+    pub fn inputs(mut self, inputs: Arc<dyn comfyfleet_core::InputStore>) -> Self {
+        self.inputs = Some(inputs);
+        self
+    }
+
     /// Builds the engine (not yet running: call [`Engine::start`]).
     pub fn build(self) -> Result<Engine, EngineError> {
         let mut slots: Vec<Arc<BackendSlot>> = Vec::new();
@@ -592,6 +600,9 @@ impl EngineBuilder {
                 config: self.config,
                 store: self.store,
                 strategy: self.strategy,
+                inputs: self
+                    .inputs
+                    .unwrap_or_else(|| Arc::new(comfyfleet_core::MemoryInputs::new())),
                 clock: self.clock.unwrap_or_else(|| Arc::new(TokioClock::new())),
                 slots,
                 events,
@@ -634,6 +645,7 @@ impl Engine {
             backends: Vec::new(),
             config: EngineConfig::default(),
             clock: None,
+            inputs: None,
         }
     }
 
@@ -672,6 +684,16 @@ impl Engine {
         &self.inner.store
     }
 
+    /// Keeps an input file's bytes for jobs to refer to (`JobSpec::uploads`); each attempt
+    /// uploads it to its backend first (once per backend: backends dedupe by content hash).
+    pub async fn put_input(
+        &self,
+        name: &str,
+        bytes: bytes::Bytes,
+    ) -> Result<comfyfleet_core::Upload, EngineError> {
+        Ok(self.inner.inputs.put(name, bytes).await?)
+    }
+
     /// Submits a job; returns its id as soon as it is stored.
     pub async fn submit(&self, spec: JobSpec) -> Result<JobId, EngineError> {
         Ok(self.submit_job(NewJob::new(spec)).await?.id)
@@ -681,6 +703,14 @@ impl Engine {
     /// existing job.
     pub async fn submit_job(&self, job: NewJob) -> Result<Enqueued, EngineError> {
         job.spec.validate()?;
+        for u in &job.spec.uploads {
+            if self.inner.inputs.get(&u.sha256).await?.is_none() {
+                return Err(EngineError::InvalidSpec(SpecError::Invalid(format!(
+                    "upload {} ({}): no such input; store it with put_input first",
+                    u.name, u.sha256
+                ))));
+            }
+        }
         let mut enq = self
             .inner
             .store

@@ -249,6 +249,9 @@ impl SmartFailover {
                 return Verdict::Permanent(format!("label {k}={v} not set"), None);
             }
         }
+        if !job.spec.uploads.is_empty() && !c.capabilities.uploads {
+            return Verdict::Permanent("does not accept input uploads".into(), None);
+        }
         if let Some(reason) = c.inventory.missing_for(workflow) {
             let class = reason.strip_prefix("no node class ").map(str::to_owned);
             return Verdict::Permanent(reason, class);

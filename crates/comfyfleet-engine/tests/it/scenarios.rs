@@ -738,3 +738,27 @@ async fn a_subscriber_that_never_reads_does_not_slow_the_engine() {
         other => panic!("expected a lag signal, got {other:?}"),
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_job_with_inputs_never_goes_to_a_backend_that_cannot_take_uploads() {
+    let a = FakeBackend::builder("gpu-a").build();
+    let h = harness(&[a.clone()], config());
+    let upload = h
+        .engine
+        .put_input("cat.png", bytes::Bytes::from_static(b"png"))
+        .await
+        .unwrap();
+    let mut spec = JobSpec::new(workflows::invert());
+    spec.uploads.push(upload);
+    let id = h.submit(spec).await;
+    let job = h.finish(id).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.error
+            .unwrap()
+            .message
+            .contains("gpu-a: does not accept input uploads"),
+        "the reason names the backend"
+    );
+    assert_eq!(a.stats().submitted, 0);
+}
