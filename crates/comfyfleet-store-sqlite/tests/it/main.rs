@@ -6,6 +6,7 @@ mod backup;
 mod bad_input;
 mod common;
 mod conformance;
+mod engines;
 mod fencing;
 mod reaper;
 mod scale;
