@@ -90,9 +90,17 @@ impl std::fmt::Debug for ComfyUiBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ComfyUiBackend")
             .field("id", &self.shared.config.id)
-            .field("base_url", &self.shared.config.base_url.as_str())
+            .field("base_url", &redacted(&self.shared.config.base_url))
             .finish_non_exhaustive()
     }
+}
+
+/// The URL without user info (credentials never reach logs).
+fn redacted(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
 }
 
 fn transient(msg: impl Into<String>) -> BackendError {
@@ -115,8 +123,10 @@ impl ComfyUiBackend {
             }
         }
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // A stall timeout, not a total one: outputs and uploads can be large. JSON calls add
+        // their own total timeout per request.
         let http = reqwest::Client::builder()
-            .timeout(config.http_timeout)
+            .read_timeout(config.http_timeout)
             .connect_timeout(config.http_timeout)
             .build()
             .map_err(|e| transient(format!("building the HTTP client: {e}")))?;
@@ -168,6 +178,7 @@ impl Shared {
         let resp = self
             .http
             .get(self.url(path)?)
+            .timeout(self.config.http_timeout)
             .send()
             .await
             .map_err(|e| transient(format!("GET {path}: {e}")))?;
@@ -191,6 +202,7 @@ impl Shared {
             .http
             .post(self.url(path)?)
             .json(body)
+            .timeout(self.config.http_timeout)
             .send()
             .await
             .map_err(|e| transient(format!("POST {path}: {e}")))?;
@@ -492,6 +504,10 @@ async fn monitor(
     let mut from_history: Option<(crate::protocol::HistoryOutcome, Instant)> = None;
     // Whether the socket has said anything about this prompt: a silent socket gets no grace.
     let mut socket_spoke = false;
+    // The socket dropped at some point: messages (an `executed`) may be missing, so a success
+    // seen on the socket takes its outputs from the history.
+    let mut socket_gap = !*connected.borrow();
+    let mut terminal_from_socket = false;
     while terminal.is_none() {
         let history_due = from_history.as_ref().map(|(_, at)| *at);
         tokio::select! {
@@ -508,7 +524,12 @@ async fn monitor(
                 Some(Signal::Msg(m)) => {
                     socket_spoke = true;
                     for ev in tracker.handle(&m) {
-                        if ev.is_terminal() { terminal = Some(ev) } else { let _ = tx.send(ev); }
+                        if ev.is_terminal() {
+                            terminal = Some(ev);
+                            terminal_from_socket = true;
+                        } else {
+                            let _ = tx.send(ev);
+                        }
                     }
                     if tracker.needs_history() {
                         next_poll = Instant::now();
@@ -519,6 +540,7 @@ async fn monitor(
             },
             _ = connected.changed() => {
                 if !*connected.borrow() {
+                    socket_gap = true;
                     // The socket broke: polling becomes the primary path.
                     delay = cfg.poll_min;
                     next_poll = Instant::now();
@@ -582,6 +604,25 @@ async fn monitor(
     shared.unregister(&prompt_id, registration);
     lock(&shared.cancelled).remove(&prompt_id);
     if let Some(mut ev) = terminal {
+        if terminal_from_socket
+            && socket_gap
+            && let ExecutionEvent::Succeeded { artifacts } = &mut ev
+        {
+            // The history entry is written right after the success message; give it a moment.
+            for _ in 0..20 {
+                if let Ok(h) = shared.history(&prompt_id).await
+                    && let Some(crate::protocol::HistoryOutcome::Succeeded(outputs)) =
+                        parse_history(&h, &prompt_id)
+                {
+                    let from_history = crate::protocol::history_artifacts(&cfg.id, &outputs);
+                    if from_history.len() > artifacts.len() {
+                        *artifacts = from_history;
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
         if let ExecutionEvent::Succeeded { artifacts } = &mut ev
             && let Err(e) = shared.checksum(artifacts).await
         {
@@ -854,6 +895,13 @@ impl Backend for ComfyUiBackend {
                 self.shared
                     .post_json("api/queue", &json!({"delete": [id]}))
                     .await?;
+                // It may have started between the two calls: then interrupt it (still ours).
+                if queue_state(&self.shared.queue().await?, id) == QueueState::Running {
+                    self.shared
+                        .post_json("api/interrupt", &json!({"prompt_id": id}))
+                        .await?;
+                    return Ok(CancelAck::InterruptSent);
+                }
                 Ok(CancelAck::Dequeued)
             }
             QueueState::Running => {

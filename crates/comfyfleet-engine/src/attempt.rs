@@ -133,7 +133,14 @@ impl AttemptCtx {
         async move {
             let job = self.claimed.lease.job;
             self.run_inner(existing).await;
-            self.inner.running().remove(&job);
+            let mut running = self.inner.running();
+            // Only our own entry: a newer attempt of the same job may have replaced it.
+            if running
+                .get(&job)
+                .is_some_and(|e| e.attempt == self.claimed.lease.attempt)
+            {
+                running.remove(&job);
+            }
         }
         .instrument(span)
         .await
@@ -319,6 +326,24 @@ impl AttemptCtx {
                         ExecutionEvent::Accepted => {}
                         ExecutionEvent::Queued { position } => {
                             self.pending.push(EventKind::Queued { attempt: self.attempt(), position });
+                            if started && self.current_node.is_none() {
+                                // Reattached to a prompt that still waits its turn: the node
+                                // clock only runs once it is at the head.
+                                if position > 0 {
+                                    node_deadline = None;
+                                    if queue_deadline.is_none() && !queue_timeout.is_zero() {
+                                        queue_deadline = Some(now + queue_timeout);
+                                        self.set_phase(TimeoutPhase::Queued, Some(queue_timeout));
+                                    }
+                                } else {
+                                    queue_deadline = None;
+                                    let t = self.node_timeout(None);
+                                    if node_deadline.is_none() && !t.is_zero() {
+                                        node_deadline = Some(now + t);
+                                        self.set_phase(TimeoutPhase::NodeSilence, Some(t));
+                                    }
+                                }
+                            }
                             if !started {
                                 if position > 0 {
                                     // Waiting its turn behind others: not stuck, but not forever.
@@ -542,8 +567,11 @@ impl AttemptCtx {
         match exit {
             Exit::Succeeded(artifacts) => self.succeed(artifacts).await,
             Exit::Failed(error, outcome, ended) => {
-                self.fail(error, outcome).await;
+                let lease_lost = self.fail(error, outcome).await;
                 if !ended && let (Some(stream), Some(remote)) = (stream, remote) {
+                    if lease_lost && self.taken_over(&remote).await {
+                        return;
+                    }
                     // The execution may still run (hung): stop it in the background while
                     // holding the backend's slot, so capacity stays honest.
                     self.spawn_stop(stream, remote);
@@ -551,8 +579,12 @@ impl AttemptCtx {
             }
             Exit::Cancel => self.cancel_ladder(stream, remote).await,
             Exit::LeaseLost => {
-                warn!("lease lost: another engine owns the job now; stopping our execution");
                 if let (Some(stream), Some(remote)) = (stream, remote) {
+                    if self.taken_over(&remote).await {
+                        info!("lease lost; the new owner continues our execution");
+                        return;
+                    }
+                    warn!("lease lost: stopping our execution");
                     self.spawn_stop(stream, remote);
                 }
             }
@@ -607,7 +639,8 @@ impl AttemptCtx {
         }
     }
 
-    async fn fail(&mut self, error: ExecutionError, outcome: AttemptOutcome) {
+    /// Records the failure; true if the lease was lost (someone else owns the job now).
+    async fn fail(&mut self, error: ExecutionError, outcome: AttemptOutcome) -> bool {
         let _ = self.flush().await;
         let now = self.now();
         let decision = self
@@ -646,8 +679,32 @@ impl AttemptCtx {
                 if let Some(at) = retry_at {
                     self.inner.wake_at(at);
                 }
+                false
             }
-            Err(e) => warn!(error = %e, "could not record failure"),
+            Err(StoreError::LeaseLost { .. }) => true,
+            Err(e) => {
+                warn!(error = %e, "could not record failure");
+                false
+            }
+        }
+    }
+
+    /// After losing the lease: whether another attempt has taken over our remote execution
+    /// (reattached, or about to be: requeued with our remote). Then it must not be stopped.
+    async fn taken_over(&self, remote: &RemoteRef) -> bool {
+        match self.inner.store.get(self.claimed.lease.job).await {
+            Ok(Some(job)) if !job.state.is_terminal() => {
+                job.attempts.last().is_some_and(|a| {
+                    a.number != self.attempt() && a.remote.as_ref() == Some(remote)
+                }) || job.attempts.last().is_some_and(|a| {
+                    a.remote.as_ref() == Some(remote)
+                        && matches!(
+                            a.outcome,
+                            Some(AttemptOutcome::LeaseExpired) | Some(AttemptOutcome::Detached)
+                        )
+                })
+            }
+            _ => false,
         }
     }
 

@@ -85,6 +85,7 @@ impl BackendSlot {
 
 pub(crate) struct RunningEntry {
     pub(crate) cancel: CancellationToken,
+    pub(crate) attempt: u32,
 }
 
 pub(crate) struct Inner {
@@ -409,6 +410,7 @@ impl Inner {
             claimed.lease.job,
             RunningEntry {
                 cancel: cancel.clone(),
+                attempt: claimed.lease.attempt,
             },
         );
         let ctx = AttemptCtx::new(self.clone(), claimed, workflow, guard, cancel);
