@@ -11,3 +11,4 @@ mod harness;
 mod mocked;
 mod property;
 mod scenarios;
+mod takeover;
