@@ -61,6 +61,9 @@ struct Shared {
     uploaded: Mutex<HashSet<String>>,
     consumed: Mutex<VecDeque<(Instant, String)>>,
     connected: watch::Sender<bool>,
+    /// When the socket last delivered anything (ComfyUI broadcasts `status` on every queue
+    /// change, so a healthy socket speaks right after each submit; a silent one never does).
+    last_socket_message: Mutex<Option<Instant>>,
     max_body: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
 }
@@ -144,6 +147,7 @@ impl ComfyUiBackend {
             uploaded: Mutex::new(HashSet::new()),
             consumed: Mutex::new(VecDeque::new()),
             connected,
+            last_socket_message: Mutex::new(None),
             shutdown: shutdown.clone(),
         });
         tokio::spawn(socket_task(Arc::downgrade(&shared), shutdown.clone()));
@@ -419,6 +423,10 @@ async fn socket_task(shared: std::sync::Weak<Shared>, shutdown: CancellationToke
                         m = ws.next() => {
                             last_heard = Instant::now();
                             let Some(s) = shared.upgrade() else { return };
+                            if matches!(m, Some(Ok(Message::Text(_) | Message::Binary(_)))) {
+                                // Only real messages count as speaking, not pings or pongs.
+                                *lock(&s.last_socket_message) = Some(last_heard);
+                            }
                             match m {
                                 Some(Ok(Message::Text(t))) => match decode_text(t.as_str()) {
                                     Ok(msg) => s.route(msg),
@@ -550,7 +558,12 @@ async fn monitor(
                 let socket_ok = *connected.borrow();
                 match poll_once(&shared, &prompt_id).await {
                     Ok(Polled::Done(outcome)) => {
-                        if socket_ok && socket_spoke && !tracker.needs_history() {
+                        // Alive: it spoke about this prompt, or about anything lately (the
+                        // queue `status` broadcasts); a silent socket gets no grace.
+                        let socket_alive = socket_spoke
+                            || lock(&shared.last_socket_message)
+                                .is_some_and(|t| t.elapsed() < cfg.ping_interval * 2);
+                        if socket_ok && socket_alive && !tracker.needs_history() {
                             if from_history.is_none() {
                                 from_history = Some((outcome, Instant::now() + HISTORY_GRACE));
                             }
