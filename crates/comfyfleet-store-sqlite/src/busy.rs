@@ -36,6 +36,9 @@ fn poll(count: i32) -> bool {
     if waited >= TIMEOUT.get() {
         return false;
     }
+    // Blocking is right here: SQLite calls this from inside a statement, and this crate runs
+    // statements only on its writer thread or in `spawn_blocking`, never on the async runtime's
+    // worker threads.
     std::thread::sleep(POLL);
     true
 }
