@@ -69,6 +69,32 @@ async fn run(engine: &Engine, spec: JobSpec) -> comfyfleet_core::JobRecord {
         .unwrap()
 }
 
+/// Runs `spec` with "good" drained until the first attempt was accepted on "hung", then lets the
+/// job fail over; returns the finished job. Subscribes before submitting, so the event is never
+/// missed, and waits for it instead of sleeping.
+async fn run_first_on_hung(e: &Engine, spec: JobSpec) -> comfyfleet_core::JobRecord {
+    e.drain(&"good".into()).unwrap();
+    let mut rx = e.subscribe();
+    let id = e.submit(spec).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(comfyfleet_core::FleetEvent::Job(ev)) = rx.recv().await
+                && ev.job == id
+                && ev.kind.name() == "accepted"
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the first attempt was accepted on the hung server");
+    e.enable(&"good".into()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), e.wait_for(id))
+        .await
+        .expect("job finished")
+        .unwrap()
+}
+
 fn bad_width() -> Workflow {
     Workflow::from_value(json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 64, "batch_size": 1, "color": 0}},
@@ -159,26 +185,8 @@ async fn a_server_that_accepts_and_hangs_fails_over_after_the_start_timeout() {
     let hung = sim().await;
     hung.faults().set_hang_after_accept(true);
     let good = sim().await;
-    let e = engine(vec![backend("hung", &hung), backend("good", &good)], |c| {
-        // Make the hung one get the first attempt: the good one is drained until then.
-        let _ = c;
-    });
-    e.drain(&"good".into()).unwrap();
-    let id = e.submit(JobSpec::new(workflows::invert())).await.unwrap();
-    let mut rx = e.subscribe();
-    loop {
-        if let Ok(comfyfleet_core::FleetEvent::Job(ev)) = rx.recv().await
-            && ev.job == id
-            && ev.kind.name() == "accepted"
-        {
-            break;
-        }
-    }
-    e.enable(&"good".into()).unwrap();
-    let job = tokio::time::timeout(Duration::from_secs(30), e.wait_for(id))
-        .await
-        .unwrap()
-        .unwrap();
+    let e = engine(vec![backend("hung", &hung), backend("good", &good)], |_| {});
+    let job = run_first_on_hung(&e, JobSpec::new(workflows::invert())).await;
     assert_eq!(job.state, JobState::Succeeded);
     let path: Vec<&str> = job.attempts.iter().map(|a| a.backend.as_str()).collect();
     assert_eq!(path, ["hung", "good"]);
@@ -197,14 +205,7 @@ async fn a_node_that_hangs_mid_run_fails_over_after_the_node_timeout() {
     }));
     let good = sim().await;
     let e = engine(vec![backend("hung", &hung), backend("good", &good)], |_| {});
-    e.drain(&"good".into()).unwrap();
-    let id = e.submit(JobSpec::new(workflows::sleep(1.0))).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    e.enable(&"good".into()).unwrap();
-    let job = tokio::time::timeout(Duration::from_secs(30), e.wait_for(id))
-        .await
-        .unwrap()
-        .unwrap();
+    let job = run_first_on_hung(&e, JobSpec::new(workflows::sleep(1.0))).await;
     assert_eq!(job.state, JobState::Succeeded);
     let path: Vec<&str> = job.attempts.iter().map(|a| a.backend.as_str()).collect();
     assert_eq!(path, ["hung", "good"]);
@@ -405,25 +406,10 @@ async fn inputs_are_uploaded_before_the_prompt_and_follow_a_failover() {
     hung.faults().set_hang_after_accept(true);
     let good = sim().await;
     let e = engine(vec![backend("hung", &hung), backend("good", &good)], |_| {});
-    e.drain(&"good".into()).unwrap();
     let upload = e.put_input("cat.png", png.clone()).await.unwrap();
     let mut spec = JobSpec::new(load_image("cat.png"));
     spec.uploads.push(upload);
-    let id = e.submit(spec).await.unwrap();
-    let mut rx = e.subscribe();
-    loop {
-        if let Ok(comfyfleet_core::FleetEvent::Job(ev)) = rx.recv().await
-            && ev.job == id
-            && ev.kind.name() == "accepted"
-        {
-            break;
-        }
-    }
-    e.enable(&"good".into()).unwrap();
-    let job = tokio::time::timeout(Duration::from_secs(30), e.wait_for(id))
-        .await
-        .unwrap()
-        .unwrap();
+    let job = run_first_on_hung(&e, spec).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let path: Vec<&str> = job.attempts.iter().map(|a| a.backend.as_str()).collect();
     assert_eq!(path, ["hung", "good"]);
