@@ -56,7 +56,29 @@ macro_rules! apt_install {
 
 /// What the test suite needs from the system, checked (and installed) in
 /// order. See the module docs for how to add one.
-const REQUIREMENTS: &[Requirement] = &[];
+const REQUIREMENTS: &[Requirement] = &[
+    // The dashboard's browser test (`comfyfleet-server/tests/browser.rs`) drives headless
+    // Chromium through chromedriver: /usr/bin/chromium and /usr/bin/chromedriver.
+    Requirement {
+        name: "chromium + chromedriver",
+        check: || on_path("chromium") && on_path("chromedriver"),
+        install: &[apt_install!["chromium", "chromium-driver"]],
+    },
+    // The OpenAPI document's validation (`comfyfleet-server/tests/api/openapi.rs`) runs
+    // Python's openapi-spec-validator (PyPI) on it.
+    Requirement {
+        name: "openapi-spec-validator (python3)",
+        check: || command_ok("python3", &["-c", "import openapi_spec_validator"]),
+        install: &[&[
+            "python3",
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "openapi-spec-validator",
+        ]],
+    },
+];
 
 /// `cargo xtask setup`.
 pub fn run() -> Result<()> {
