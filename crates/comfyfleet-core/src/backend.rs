@@ -24,6 +24,7 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, BackendError>> + S
 
 /// What a backend can do. Callers check capabilities instead of matching on backend kinds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capabilities {
     /// Most executions it runs at once (the engine never dispatches more).
     pub max_concurrent: u32,
@@ -58,6 +59,7 @@ impl Default for Capabilities {
 /// What a backend has: the routing inventory. A job whose workflow needs a node class or model
 /// file the backend lacks never goes there.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Inventory {
     /// Node classes installed (`None`: unknown, assume anything).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +103,7 @@ impl Inventory {
 
 /// The backend's own view of its health.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     /// It answers and can take work.
     pub healthy: bool,
@@ -147,6 +150,7 @@ pub struct SubmitRequest {
 
 /// The answer to a cancel request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CancelAck {
     /// A pending execution was removed from the backend's queue.

@@ -9,6 +9,7 @@ use crate::workflow::{NodeId, WorkflowError};
 
 /// What a failure means for retrying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// Bad input (validation error, bad value): the same job fails the same way everywhere.
@@ -37,6 +38,7 @@ impl ErrorKind {
 
 /// Which supervision clock ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TimeoutPhase {
     /// The job waited too long in a queue (ours before any backend took it, or a backend's own
@@ -70,6 +72,7 @@ impl TimeoutPhase {
 
 /// Extra, machine-readable detail about a failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ErrorDetail {
     /// The backend lacks a node class the workflow uses.
@@ -87,6 +90,7 @@ pub enum ErrorDetail {
     /// Validation errors per node, as the backend reported them.
     Validation {
         /// Node id → messages.
+        #[cfg_attr(feature = "openapi", schema(value_type = Vec<(String, Vec<String>)>))]
         nodes: Vec<(NodeId, Vec<String>)>,
     },
     /// An exception raised inside a node.
@@ -100,6 +104,7 @@ pub enum ErrorDetail {
 
 /// Why an execution failed, as the backend or the engine saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[error("{kind:?}: {message}")]
 pub struct ExecutionError {
     /// What it means for retries.
@@ -108,6 +113,7 @@ pub struct ExecutionError {
     pub message: String,
     /// The node that failed, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub node: Option<NodeId>,
     /// Machine-readable detail.
     #[serde(default, skip_serializing_if = "Option::is_none")]

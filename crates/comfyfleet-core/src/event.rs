@@ -12,6 +12,7 @@ use crate::workflow::{NodeId, WorkflowHash};
 
 /// A backend passed over when placing a job, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Skip {
     /// The backend.
     pub backend: BackendId,
@@ -21,6 +22,7 @@ pub struct Skip {
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum EventKind {
@@ -80,6 +82,7 @@ pub enum EventKind {
         /// Attempt number.
         attempt: u32,
         /// The node.
+        #[cfg_attr(feature = "openapi", schema(value_type = String))]
         node: NodeId,
         /// Its class.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,6 +93,7 @@ pub enum EventKind {
         /// Attempt number.
         attempt: u32,
         /// The node.
+        #[cfg_attr(feature = "openapi", schema(value_type = String))]
         node: NodeId,
         /// Served from cache.
         #[serde(default)]
@@ -107,6 +111,7 @@ pub enum EventKind {
         /// Attempt number.
         attempt: u32,
         /// The node.
+        #[cfg_attr(feature = "openapi", schema(value_type = String))]
         node: NodeId,
         /// What it produced.
         artifacts: Vec<Artifact>,
@@ -207,6 +212,7 @@ impl EventKind {
 
 /// A job event as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     /// Global, store-assigned, increasing id (a live-events client resumes after it).
     pub id: u64,
@@ -223,6 +229,7 @@ pub struct Event {
 
 /// Fleet-level happenings, published live next to job events.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum FleetEvent {

@@ -118,6 +118,67 @@ impl fmt::Debug for RemoteRef {
     }
 }
 
+/// A string schema with a description (and an optional format), for the id newtypes below.
+#[cfg(feature = "openapi")]
+fn string_schema(
+    description: &str,
+    format: Option<utoipa::openapi::schema::KnownFormat>,
+    example: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaFormat, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(format.map(SchemaFormat::KnownFormat))
+        .description(Some(description))
+        .examples([serde_json::Value::from(example)])
+        .into()
+}
+
+/// A job id is a UUID string (v7, time-ordered).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for JobId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "A job id: a UUID (v7, so ids sort by creation time).",
+            Some(utoipa::openapi::schema::KnownFormat::Uuid),
+            "019a6b6e-6d2c-7c3e-9a51-2f0c4b7d8e91",
+        )
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for JobId {}
+
+/// A backend id is its configured name.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for BackendId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "The name of a backend in the fleet, unique within it.",
+            None,
+            "gpu-1",
+        )
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for BackendId {}
+
+/// A remote reference is the backend's own opaque id for an execution.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for RemoteRef {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "A backend's own id for one execution (ComfyUI `prompt_id`, RunningHub `taskId`).",
+            None,
+            "8f0c2a6e-1b7d-4f35-9d2e-5a4c3b2a1f00",
+        )
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for RemoteRef {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

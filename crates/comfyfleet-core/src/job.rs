@@ -21,6 +21,7 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 /// Per-job overrides of the engine's supervision clocks, in milliseconds (0 turns a clock off).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TimeoutOverrides {
     /// Start timeout: accepted and at the head of the backend's queue, but not started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,6 +36,7 @@ pub struct TimeoutOverrides {
 
 /// Where a job may run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Constraints {
     /// Only these backends (empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -46,6 +48,7 @@ pub struct Constraints {
 
 /// A file the workflow needs on the backend (an image for `LoadImage`), identified by content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Upload {
     /// The name the workflow refers to.
     pub name: String,
@@ -57,11 +60,16 @@ pub struct Upload {
 
 /// Everything a user submits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobSpec {
     /// The API-format workflow.
     pub workflow: Workflow,
     /// Widget values to replace before running.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = BTreeMap<String, BTreeMap<String, Value>>)
+    )]
     pub inputs: InputOverrides,
     /// Input files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -74,6 +82,7 @@ pub struct JobSpec {
     pub deadline_ms: Option<u64>,
     /// Most executions the job may have (at least 1).
     #[serde(default = "default_max_attempts")]
+    #[cfg_attr(feature = "openapi", schema(default = default_max_attempts))]
     pub max_attempts: u32,
     /// Clock overrides.
     #[serde(default)]
@@ -87,6 +96,9 @@ pub struct JobSpec {
     /// Submitting twice with the same key yields the same job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// An `http(s)` URL told (by `POST`) when the job ends; the service delivers it, signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -107,6 +119,7 @@ impl JobSpec {
             labels: BTreeMap::new(),
             constraints: Constraints::default(),
             idempotency_key: None,
+            webhook: None,
         }
     }
 
@@ -173,6 +186,13 @@ impl JobSpec {
                 )));
             }
         }
+        if let Some(w) = &self.webhook
+            && !(w.len() <= 2048 && (w.starts_with("http://") || w.starts_with("https://")))
+        {
+            return Err(SpecError::Invalid(
+                "webhook must be an http:// or https:// URL of at most 2048 characters".into(),
+            ));
+        }
         if self.deadline_ms == Some(0) {
             return Err(SpecError::Invalid("deadline_ms must be positive".into()));
         }
@@ -200,6 +220,7 @@ pub enum SpecError {
 /// Where a job stands. `pending → running → succeeded | failed | cancelled`, with
 /// `retry_wait → running` between attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for its first execution (or for a backend to become available).
@@ -268,6 +289,7 @@ impl FromStr for JobState {
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AttemptOutcome {
     /// The backend finished it.
@@ -286,8 +308,10 @@ pub enum AttemptOutcome {
 
 /// One node's run inside an attempt (profiling).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeTiming {
     /// The node.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub node: NodeId,
     /// Its class, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -304,6 +328,7 @@ pub struct NodeTiming {
 
 /// A step of the force-cancel ladder, recorded on the attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CancelStep {
     /// When it was taken.
     pub at: Timestamp,
@@ -316,6 +341,7 @@ pub struct CancelStep {
 /// The current supervision phase of a running attempt and when it runs out; stored so that it
 /// survives a restart and is visible to users and the reaper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PhaseDeadline {
     /// Which clock guards the attempt now.
     pub phase: TimeoutPhase,
@@ -325,6 +351,7 @@ pub struct PhaseDeadline {
 
 /// One execution of a job on one backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Attempt {
     /// The claim (fencing token) that made this attempt.
     pub number: u32,
@@ -360,8 +387,10 @@ pub struct Attempt {
 
 /// An output of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Artifact {
     /// The node that produced it.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub node: NodeId,
     /// File name.
     pub filename: String,
@@ -385,6 +414,7 @@ pub struct Artifact {
 
 /// The owner and expiry of a running job's lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseInfo {
     /// The engine instance holding it.
     pub owner: String,
@@ -394,6 +424,7 @@ pub struct LeaseInfo {
 
 /// Everything a store knows about a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobRecord {
     /// The id.
     pub id: JobId,
@@ -478,6 +509,7 @@ impl JobRecord {
 
 /// A job in a list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobSummary {
     /// The id.
     pub id: JobId,

@@ -61,6 +61,8 @@ pub use store::{
     EventQuery, Failure, HeartbeatAck, JobFilter, JobPage, Lease, NewJob, ReapAction, ReapItem,
     ReapOptions, ReapReason, ReapReport, StateCounts, TaskStore,
 };
-pub use strategy::{Availability, Candidate, Decision, FailoverStrategy, Placement};
+pub use strategy::{
+    Availability, Candidate, Decision, FailoverStrategy, Placement, Restriction, RestrictionKind,
+};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp, TokioClock};
 pub use workflow::{InputOverrides, ModelRef, NodeId, Workflow, WorkflowError, WorkflowHash};

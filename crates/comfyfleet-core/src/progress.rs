@@ -14,6 +14,7 @@ use crate::workflow::{NodeId, Workflow};
 
 /// A progress snapshot, as stored with the job and sent in events.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Progress {
     /// Overall percent, 0–100 (100 only once succeeded).
     pub percent: f32,
@@ -23,6 +24,7 @@ pub struct Progress {
     pub nodes_done: u32,
     /// The node running now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub current_node: Option<NodeId>,
     /// Its class.
     #[serde(default, skip_serializing_if = "Option::is_none")]

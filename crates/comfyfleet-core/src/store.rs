@@ -95,6 +95,7 @@ pub struct Enqueued {
 
 /// Proof of a claim: the fencing token every later write carries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Lease {
     /// The job.
     pub job: JobId,
@@ -182,6 +183,7 @@ pub struct Failure {
 
 /// What a cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CancelOutcome {
     /// The job is now `cancelled`.
@@ -229,6 +231,7 @@ impl Default for ReapOptions {
 
 /// Why the reaper picked a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ReapReason {
     /// The lease ran out: the orchestrator holding it is gone.
@@ -243,6 +246,7 @@ pub enum ReapReason {
 
 /// What the reaper does (or would do) to a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ReapAction {
     /// Back to `retry_wait`, to be reattached or retried.
@@ -255,6 +259,7 @@ pub enum ReapAction {
 
 /// One job the reaper found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReapItem {
     /// The job.
     pub job: JobId,
@@ -281,6 +286,7 @@ pub struct ReapItem {
 
 /// The reaper's report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReapReport {
     /// Whether anything was changed.
     pub dry_run: bool,
@@ -293,6 +299,7 @@ pub struct ReapReport {
 
 /// A list query. Newest first; paginate with `before` (the last id of the previous page).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobFilter {
     /// Only these states (empty: all).
     #[serde(default)]
@@ -371,6 +378,7 @@ impl JobFilter {
 
 /// A page of jobs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobPage {
     /// The jobs, newest first.
     pub jobs: Vec<JobSummary>,
@@ -380,6 +388,7 @@ pub struct JobPage {
 
 /// Jobs per state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StateCounts(pub BTreeMap<JobState, u64>);
 
 impl StateCounts {

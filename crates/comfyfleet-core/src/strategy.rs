@@ -11,10 +11,11 @@ use crate::event::{FleetEvent, Skip};
 use crate::ids::BackendId;
 use crate::job::JobRecord;
 use crate::time::Timestamp;
-use crate::workflow::Workflow;
+use crate::workflow::{Workflow, WorkflowHash};
 
 /// Whether a backend takes new work, as the operator and the engine see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Availability {
     /// Takes work.
@@ -150,4 +151,40 @@ pub trait FailoverStrategy: Send + Sync + 'static {
         let _ = now;
         Vec::new()
     }
+
+    /// What currently keeps work away from backends (blocks, open circuits), for operators.
+    /// Advisory; the default strategy-less answer is "nothing".
+    fn restrictions(&self, now: Timestamp) -> Vec<Restriction> {
+        let _ = now;
+        Vec::new()
+    }
+}
+
+/// Something that keeps a backend from getting (some) work for a while, as reported by
+/// [`FailoverStrategy::restrictions`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Restriction {
+    /// The backend.
+    pub backend: BackendId,
+    /// `blocked` (one workflow structure) or `circuit_open` (everything).
+    pub kind: RestrictionKind,
+    /// The workflow structure it applies to (`blocked` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structure: Option<WorkflowHash>,
+    /// When it lifts.
+    pub until: Timestamp,
+    /// Why.
+    pub reason: String,
+}
+
+/// The kind of a [`Restriction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RestrictionKind {
+    /// Jobs of one workflow structure are kept away after a failure there.
+    Blocked,
+    /// Repeated transient failures: no work at all until the cooldown ends.
+    CircuitOpen,
 }

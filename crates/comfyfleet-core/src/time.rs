@@ -100,6 +100,23 @@ impl fmt::Display for Timestamp {
     }
 }
 
+/// On the wire a timestamp is a bare integer: milliseconds since the Unix epoch (UTC).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Timestamp {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .description(Some("Milliseconds since the Unix epoch (UTC)."))
+            .examples([serde_json::json!(1_795_425_154_640_i64)])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Timestamp {}
+
 /// Where the engine and stores get "now" from.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// The current time.

@@ -138,8 +138,10 @@ impl fmt::Debug for WorkflowHash {
 
 /// A model file a workflow refers to (a string widget value with a model extension).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelRef {
     /// The node that names it.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub node: NodeId,
     /// The input name (`ckpt_name`, `lora_name`, …).
     pub input: String,
@@ -310,6 +312,112 @@ impl<'de> Deserialize<'de> for Workflow {
         Workflow::from_value(v).map_err(serde::de::Error::custom)
     }
 }
+
+/// On the wire a workflow is the API-format graph itself: node id → `{class_type, inputs}`.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for Workflow {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            AdditionalProperties, ArrayBuilder, ArrayItems, ObjectBuilder, OneOfBuilder, Schema,
+            Type,
+        };
+        let link = ArrayBuilder::new()
+            .prefix_items([
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("The source node's id."))
+                    .build(),
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .description(Some("The source node's output index."))
+                    .build(),
+            ])
+            .items(ArrayItems::False)
+            .min_items(Some(2))
+            .description(Some(
+                "A link to another node's output: `[node_id, output_index]`.",
+            ));
+        let widget = ObjectBuilder::new()
+            .schema_type(
+                [
+                    Type::String,
+                    Type::Number,
+                    Type::Boolean,
+                    Type::Object,
+                    Type::Null,
+                ]
+                .into_iter()
+                .collect::<utoipa::openapi::schema::SchemaType>(),
+            )
+            .description(Some(
+                "A widget value; a literal list must be wrapped as `{\"__value__\": [...]}`.",
+            ));
+        let input = Schema::OneOf(OneOfBuilder::new().item(widget).item(link).build());
+        let node = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "One node. Other keys (such as `_meta`) are kept but play no part in running it.",
+            ))
+            .property(
+                "class_type",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .pattern(Some(r"\S"))
+                    .description(Some("The node class (`KSampler`, `SaveImage`, …).")),
+            )
+            .required("class_type")
+            .property(
+                "inputs",
+                ObjectBuilder::new()
+                    .schema_type(
+                        [Type::Object, Type::Null]
+                            .into_iter()
+                            .collect::<utoipa::openapi::schema::SchemaType>(),
+                    )
+                    .additional_properties(Some(input))
+                    .description(Some("Input name → widget value or link.")),
+            )
+            .additional_properties(Some(AdditionalProperties::FreeForm(true)));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "A ComfyUI API-format workflow: node id → node. At least one node; every link \
+                 points at an existing node; no cycles.",
+            ))
+            .min_properties(Some(1))
+            .property_names(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1)),
+            ))
+            .additional_properties(Some(node))
+            .examples([serde_json::json!({
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}
+            })])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for Workflow {}
+
+/// A workflow hash is a hex string.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for WorkflowHash {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("A SHA-256 workflow hash: 64 lowercase hex digits."))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for WorkflowHash {}
 
 fn json_type(v: &Value) -> &'static str {
     match v {

@@ -10,7 +10,8 @@ use comfyfleet_core::{
     Availability, Backend, BackendId, CancelOutcome, Candidate, Capabilities, Claimed, Clock,
     Enqueued, ErrorDetail, Event, EventQuery, ExecutionError, FailoverStrategy, Failure,
     FleetEvent, Health, Inventory, JobId, JobRecord, JobSpec, NewJob, Placement, ReapOptions,
-    ReapReport, SpecError, StoreError, TaskStore, TimeoutPhase, TokioClock, WorkflowHash,
+    ReapReport, Restriction, SpecError, StoreError, TaskStore, TimeoutPhase, TokioClock,
+    WorkflowHash,
 };
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,9 @@ pub enum EngineError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A backend call failed.
+    #[error(transparent)]
+    Backend(comfyfleet_core::BackendError),
 }
 
 /// A backend's state as the engine sees it.
@@ -58,6 +62,8 @@ pub struct BackendStatus {
     pub availability: Availability,
     /// Latest inventory.
     pub inventory: Arc<Inventory>,
+    /// What the strategy currently keeps away from it (blocks, an open circuit).
+    pub restrictions: Vec<Restriction>,
 }
 
 pub(crate) struct SlotState {
@@ -850,12 +856,16 @@ impl Engine {
 
     /// The backends and their live state.
     pub fn backends(&self) -> Vec<BackendStatus> {
+        let mut restrictions = self.inner.strategy.restrictions(self.inner.clock.now());
         self.inner
             .slots
             .iter()
             .map(|s| {
+                let (mine, rest) = restrictions.drain(..).partition(|r| r.backend == s.id);
+                restrictions = rest;
                 let st = s.state();
                 BackendStatus {
+                    restrictions: mine,
                     id: s.id.clone(),
                     kind: s.backend.kind(),
                     capabilities: s.caps.clone(),
@@ -892,6 +902,28 @@ impl Engine {
     /// Runs the reaper now (dry-run or real) and publishes what it changed.
     pub async fn reap(&self, options: &ReapOptions) -> Result<ReapReport, EngineError> {
         Ok(self.inner.reap(options).await?)
+    }
+
+    /// Streams an artifact's bytes from the backend that holds it.
+    pub async fn fetch_artifact(
+        &self,
+        artifact: &comfyfleet_core::Artifact,
+    ) -> Result<comfyfleet_core::ByteStream, EngineError> {
+        let slot = self
+            .inner
+            .slot(&artifact.backend)
+            .ok_or_else(|| EngineError::UnknownBackend(artifact.backend.clone()))?;
+        tokio::time::timeout(self.inner.config.call_timeout, slot.backend.fetch(artifact))
+            .await
+            .map_err(|_| {
+                EngineError::Backend(comfyfleet_core::BackendError::Execution(
+                    ExecutionError::transient(format!(
+                        "{} did not answer within {:?}",
+                        artifact.backend, self.inner.config.call_timeout
+                    )),
+                ))
+            })?
+            .map_err(EngineError::Backend)
     }
 
     /// Refreshes every backend's inventory now.

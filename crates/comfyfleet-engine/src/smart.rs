@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use comfyfleet_core::{
     Availability, BackendId, Candidate, Decision, ErrorDetail, ErrorKind, ExecutionError,
-    FailoverStrategy, FleetEvent, Health, JobRecord, Placement, Skip, Timestamp, Workflow,
-    WorkflowHash,
+    FailoverStrategy, FleetEvent, Health, JobRecord, Placement, Restriction, RestrictionKind, Skip,
+    Timestamp, Workflow, WorkflowHash,
 };
 
 /// Settings of [`SmartFailover`].
@@ -498,6 +498,33 @@ impl FailoverStrategy for SmartFailover {
         let mut s = self.lock();
         self.expire(&mut s, now);
         std::mem::take(&mut s.notices)
+    }
+
+    fn restrictions(&self, now: Timestamp) -> Vec<Restriction> {
+        let s = self.lock();
+        let mut out: Vec<Restriction> = s
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.until > now)
+            .map(|((backend, structure), b)| Restriction {
+                backend: backend.clone(),
+                kind: RestrictionKind::Blocked,
+                structure: Some(structure.clone()),
+                until: b.until,
+                reason: b.reason.clone(),
+            })
+            .collect();
+        out.extend(s.circuits.iter().filter_map(|(backend, c)| {
+            c.open_until.filter(|t| *t > now).map(|until| Restriction {
+                backend: backend.clone(),
+                kind: RestrictionKind::CircuitOpen,
+                structure: None,
+                until,
+                reason: format!("{} consecutive failures", c.failures),
+            })
+        }));
+        out.sort_by(|a, b| (&a.backend, a.until).cmp(&(&b.backend, b.until)));
+        out
     }
 }
 

@@ -29,6 +29,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod inputs;
+pub use inputs::DirInputs;
+
 use serde::Deserialize;
 
 pub use comfyfleet_core as core;
@@ -321,10 +324,22 @@ impl Fleet {
                 reason: "heartbeat_secs and maintenance_secs must be positive and heartbeat_secs at most half of lease_ttl_secs".into(),
             });
         }
-        let engine = Engine::builder(store, Arc::new(SmartFailover::default()))
+        let mut builder = Engine::builder(store, Arc::new(SmartFailover::default()))
             .backends(backends.iter().map(|(_, b)| b.clone()))
-            .config(engine_config)
-            .build()?;
+            .config(engine_config);
+        // Input files live next to a SQLite database, so accepted uploads survive restarts.
+        if let Some(db) = sqlite_path(&config.store) {
+            let dir = db
+                .parent()
+                .map(|d| d.join("inputs"))
+                .unwrap_or_else(|| std::path::PathBuf::from("inputs"));
+            let inputs = DirInputs::open(&dir).map_err(|e| FleetError::Store {
+                url: config.store.clone(),
+                reason: e.to_string(),
+            })?;
+            builder = builder.inputs(Arc::new(inputs));
+        }
+        let engine = builder.build()?;
         engine.start();
         Ok(Fleet {
             engine,
