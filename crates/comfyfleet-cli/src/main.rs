@@ -1,26 +1,48 @@
 //! `comfyfleet`: the command line.
 //!
-//! * `demo` runs a batch of jobs through the engine on three simulated backends (one of them
-//!   hangs on its first prompts, so you can watch a failover) with a progress bar per job, and
-//!   exits 0 once every job succeeded.
-//! * `jobs`, `job`, `cancel`, `reap`, `backup`, `prune` work on the store (the local SQLite
-//!   database by default, `--store` or `COMFYFLEET_STORE` to choose).
+//! * `serve` runs the fleet and its HTTP service (API, live events, dashboard) from a
+//!   configuration file; `worker` runs only the engine.
+//! * `submit`, `run`, `backends` talk to a service (`--server URL`, token from
+//!   `COMFYFLEET_TOKEN`); `run` follows its jobs with a progress bar each.
+//! * `jobs`, `job`, `cancel`, `events`, `reap`, `backup`, `prune` work on the local store (the
+//!   SQLite database by default, `--store` or `COMFYFLEET_STORE` to choose) unless `--server`
+//!   is given; then they go through the API.
+//! * `demo` runs a batch on three built-in ComfyUI simulators (one faulty) with the service up;
+//!   `sim comfyui` runs one simulator standalone.
 
+mod client;
+mod config;
 mod demo;
+mod follow;
+mod remote;
+mod serve;
 mod store_cmds;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use comfyfleet::JobId;
+use secrecy::SecretString;
+
+use crate::client::{Client, DEFAULT_SERVER, exit};
+
+const EXIT_CODES: &str = "\
+Exit codes: 0 success; 1 a job failed, or an error; 2 not found, or (run) a job was cancelled;
+3 the server refused the token; 4 the server could not be reached; 130 interrupted (Ctrl-C) while
+following (the jobs keep running).
+
+Environment: COMFYFLEET_SERVER (like --server), COMFYFLEET_TOKEN (the API token; never put it
+on the command line), COMFYFLEET_STORE, COMFYFLEET_LOG, COMFYFLEET_CONFIG (like serve --config),
+and COMFYFLEET_<SECTION>__<KEY> overrides of the configuration file (docs/configuration.md).";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "comfyfleet",
     version,
-    about = "Run ComfyUI workflows reliably on a fleet of backends"
+    about = "Run ComfyUI workflows reliably on a fleet of backends",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `comfyfleet_engine=debug`.
@@ -30,15 +52,33 @@ struct Cli {
     /// `memory:`.
     #[arg(long, global = true, env = "COMFYFLEET_STORE")]
     store: Option<String>,
+    /// The comfyfleet service to talk to, e.g. `http://gpu-box:8330`. `submit`, `run` and
+    /// `backends` default to http://127.0.0.1:8330; the other commands work on the local store
+    /// without it. The token comes from `COMFYFLEET_TOKEN`.
+    #[arg(long, global = true, env = "COMFYFLEET_SERVER", value_name = "URL")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a batch of jobs on built-in simulated backends (no setup needed) and show their
-    /// progress; one backend hangs on its first prompts, so you see a failover. Uses a fresh
-    /// SQLite database in a temporary directory unless `--store` is given.
+    /// Run the fleet and its HTTP service (API, live events, dashboard, metrics) from a
+    /// configuration file until Ctrl-C / SIGTERM.
+    Serve(serve::ServeArgs),
+    /// Submit a workflow to the service; prints the job id.
+    Submit(remote::SubmitArgs),
+    /// Submit workflows to the service and follow them with a progress bar each; exits 0 if all
+    /// succeeded, 1 if any failed, 2 if any was cancelled.
+    Run(remote::RunArgs),
+    /// Print job events: stored ones, or live with `--follow` (of one job: until it ends).
+    Events(remote::EventsArgs),
+    /// The service's backends; `drain ID` / `enable ID` stop and resume sending them work.
+    Backends(remote::BackendsArgs),
+    /// Run a batch of jobs on three built-in ComfyUI simulators (no setup needed; one of them
+    /// hangs, so you see a failover) with the service and dashboard up, and show their
+    /// progress. Uses a fresh SQLite database in a temporary directory unless `--store` is
+    /// given. `--serve` keeps the service up afterwards until Ctrl-C.
     Demo(demo::DemoArgs),
     /// Run the engine over a fleet configuration (TOML) until interrupted: claims jobs from the
     /// store and runs them on the configured backends. Ctrl-C / SIGTERM shut down gracefully
@@ -82,17 +122,22 @@ enum Command {
         /// A running job with no progress for this long is stuck (e.g. `30m`).
         #[arg(long, value_parser = store_cmds::parse_duration)]
         max_age: Option<Duration>,
-        /// Jobs whose orchestrator died this many times are failed, not requeued.
-        #[arg(long, default_value_t = 3)]
-        max_crash_requeues: u32,
+        /// Jobs whose orchestrator died this many times are failed, not requeued (local store
+        /// only; default 3).
+        #[arg(long)]
+        max_crash_requeues: Option<u32>,
         /// JSON output.
         #[arg(long)]
         json: bool,
     },
-    /// Write a consistent copy of the store to a new file.
+    /// Write a consistent copy of the store to a new file (with `--server`: into the service's
+    /// backups directory, on the server).
     Backup {
-        /// Destination (must not exist).
-        path: PathBuf,
+        /// Destination (must not exist); not with `--server`.
+        path: Option<PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete finished jobs older than `--older-than` (default 30d), after a backup.
     Prune {
@@ -102,6 +147,9 @@ enum Command {
         /// Skip the automatic backup.
         #[arg(long)]
         no_backup: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -157,96 +205,249 @@ async fn sim(cmd: SimCommand) -> Result<i32> {
             ),
         }
     }
+    let mut stop = Interrupt::shutdown()?;
     let sim = ComfyUiSim::start(config)
         .await
         .map_err(|e| anyhow::anyhow!("binding 127.0.0.1:{port}: {e}"))?;
     println!("ComfyUI simulator listening on {}", sim.base_url());
-    tokio::signal::ctrl_c().await?;
+    stop.recv().await;
     sim.shutdown().await;
     Ok(0)
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let code = runtime.block_on(async {
-        if let Command::Demo(args) = cli.command {
-            return demo::run(args, cli.store).await;
+/// The API client for `--server` (or the default address), with the token from the environment.
+fn client_for(server: Option<&str>) -> Result<Client> {
+    let token = std::env::var(config::TOKEN_VAR)
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+        .map(SecretString::from);
+    Ok(Client::new(server.unwrap_or(DEFAULT_SERVER), token)?)
+}
+
+async fn dispatch(cli: Cli) -> Result<i32> {
+    let server = cli.server.clone();
+    match cli.command {
+        Command::Serve(args) => return serve::run(args, cli.store).await,
+        Command::Demo(args) => return demo::run(args, cli.store).await,
+        Command::Worker { config } => return worker(&config, cli.store).await,
+        Command::Sim(cmd) => return sim(cmd).await,
+        Command::Submit(a) => return remote::submit(&client_for(server.as_deref())?, a).await,
+        Command::Run(a) => return remote::run(&client_for(server.as_deref())?, a).await,
+        Command::Backends(a) => return remote::backends(&client_for(server.as_deref())?, a).await,
+        Command::Events(a) if server.is_some() => {
+            return remote::events(&client_for(server.as_deref())?, a).await;
         }
-        if let Command::Worker { config } = &cli.command {
-            return worker(config, cli.store.clone()).await;
-        }
-        if let Command::Sim(cmd) = cli.command {
-            return sim(cmd).await;
-        }
-        let url = cli
-            .store
-            .unwrap_or_else(|| comfyfleet::DEFAULT_STORE.to_owned());
-        let db = comfyfleet::sqlite_path(&url);
-        let store = comfyfleet::open_store(&url).await?;
-        match cli.command {
-            Command::Demo(_) | Command::Worker { .. } | Command::Sim(_) => {
-                unreachable!("handled above")
-            }
-            Command::Jobs(a) => store_cmds::jobs(store, a).await,
-            Command::Job { id, json } => store_cmds::job(store, id, json).await,
-            Command::Cancel { ids, force, json } => {
-                store_cmds::cancel(store, ids, force, json).await
-            }
+        _ => {}
+    }
+    if let Some(server) = server {
+        let c = client_for(Some(&server))?;
+        return match cli.command {
+            Command::Jobs(a) => remote::jobs(&c, a).await,
+            Command::Job { id, json } => remote::job(&c, id, json).await,
+            Command::Cancel { ids, force, json } => remote::cancel(&c, ids, force, json).await,
             Command::Reap {
                 dry_run,
                 max_age,
                 max_crash_requeues,
                 json,
             } => {
-                store_cmds::reap(
-                    store,
-                    db.as_deref(),
-                    dry_run,
-                    max_age,
-                    max_crash_requeues,
-                    json,
-                )
-                .await
+                if max_crash_requeues.is_some() {
+                    bail!(
+                        "--max-crash-requeues works on the local store only (the service uses its own setting)"
+                    );
+                }
+                remote::reap(&c, dry_run, max_age, json).await
             }
-            Command::Backup { path } => store_cmds::backup(store, &path).await,
+            Command::Backup { path, json } => {
+                if let Some(p) = path {
+                    bail!(
+                        "with --server the service writes the backup into its own backups directory; drop {}",
+                        p.display()
+                    );
+                }
+                remote::backup(&c, json).await
+            }
             Command::Prune {
                 older_than,
                 no_backup,
-            } => store_cmds::prune(store, db.as_deref(), older_than, no_backup).await,
+                json,
+            } => remote::prune(&c, older_than, no_backup, json).await,
+            _ => unreachable!("handled above"),
+        };
+    }
+    let url = cli
+        .store
+        .unwrap_or_else(|| comfyfleet::DEFAULT_STORE.to_owned());
+    let db = comfyfleet::sqlite_path(&url);
+    let store = comfyfleet::open_store(&url).await?;
+    match cli.command {
+        Command::Jobs(a) => store_cmds::jobs(store, a).await,
+        Command::Job { id, json } => store_cmds::job(store, id, json).await,
+        Command::Cancel { ids, force, json } => store_cmds::cancel(store, ids, force, json).await,
+        Command::Events(a) => {
+            store_cmds::events(store, a.job, a.follow, a.after, a.limit, a.json).await
         }
-    })?;
+        Command::Reap {
+            dry_run,
+            max_age,
+            max_crash_requeues,
+            json,
+        } => {
+            store_cmds::reap(
+                store,
+                db.as_deref(),
+                dry_run,
+                max_age,
+                max_crash_requeues.unwrap_or(3),
+                json,
+            )
+            .await
+        }
+        Command::Backup { path, json } => {
+            let Some(path) = path else {
+                bail!(
+                    "backup needs a destination PATH (or --server to back up the service's database)"
+                );
+            };
+            store_cmds::backup(store, &path, json).await
+        }
+        Command::Prune {
+            older_than,
+            no_backup,
+            json,
+        } => store_cmds::prune(store, db.as_deref(), older_than, no_backup, json).await,
+        _ => unreachable!("handled above"),
+    }
+}
+
+/// `comfyfleet jobs | head` closes our stdout early; `println!` then panics. Exit quietly the
+/// way a program killed by SIGPIPE would (128 + 13) instead of printing a panic. (Restoring
+/// the SIGPIPE default would need `unsafe` libc calls, which the workspace forbids.)
+fn exit_quietly_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
+fn main() {
+    exit_quietly_on_broken_pipe();
+    let cli = Cli::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: --log {:?}: {e}", cli.log);
+            std::process::exit(exit::FAILED);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            std::process::exit(exit::FAILED);
+        }
+    };
+    let code = match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            remote::exit_code_of(&e).unwrap_or(exit::FAILED)
+        }
+    };
+    // Background tasks (event followers, simulators) must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_millis(200));
     std::process::exit(code);
 }
 
-async fn worker(path: &std::path::Path, store: Option<String>) -> Result<i32> {
-    use anyhow::Context;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut config: comfyfleet::FleetConfig = toml::from_str(&text)
-        .with_context(|| format!("{}: invalid fleet configuration", path.display()))?;
-    if let Some(url) = store {
-        config.store = url;
-    }
-    let fleet = comfyfleet::Fleet::start(config).await?;
-    eprintln!("comfyfleet worker: running; Ctrl-C to stop");
+/// Ctrl-C (and, for services, SIGTERM), listened for from the moment this is made: a signal
+/// that arrives before the program gets round to waiting is not lost (and does not kill the
+/// process the default way).
+pub struct Interrupt {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl std::fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Interrupt")
+    }
+}
+
+impl Interrupt {
+    /// Ctrl-C only (following commands).
+    pub fn ctrl_c() -> Result<Interrupt> {
+        Self::make(false)
+    }
+
+    /// Ctrl-C or SIGTERM (services).
+    pub fn shutdown() -> Result<Interrupt> {
+        Self::make(true)
+    }
+
+    #[cfg(unix)]
+    fn make(term: bool) -> Result<Interrupt> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Interrupt {
+            int: signal(SignalKind::interrupt())?,
+            term: if term {
+                Some(signal(SignalKind::terminate())?)
+            } else {
+                None
+            },
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn make(_term: bool) -> Result<Interrupt> {
+        Ok(Interrupt {})
+    }
+
+    /// Waits for the signal.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        match &mut self.term {
+            Some(term) => {
+                tokio::select! {
+                    _ = self.int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            None => {
+                self.int.recv().await;
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
+}
+
+async fn worker(path: &std::path::Path, store: Option<String>) -> Result<i32> {
+    let config = config::load_for_worker(path, store)?;
+    let mut stop = Interrupt::shutdown()?;
+    let fleet = comfyfleet::Fleet::start(config).await?;
+    eprintln!("comfyfleet worker: running; Ctrl-C to stop");
+    stop.recv().await;
     eprintln!("comfyfleet worker: shutting down");
     fleet.shutdown().await;
     Ok(0)

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use comfyfleet::core::Clock;
 use comfyfleet::core::{
-    CancelOutcome, EventQuery, JobFilter, ReapOptions, StoreError, SystemClock,
+    CancelOutcome, EventQuery, JobFilter, JobPage, ReapItem, ReapOptions, StoreError, SystemClock,
 };
-use comfyfleet::{JobId, JobState, TaskStore};
+use comfyfleet::{Event, JobId, JobRecord, JobState, TaskStore};
 
 /// Parses `90`, `90s`, `10m`, `2h`, `30d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -37,25 +37,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub struct JobsArgs {
     /// Only these states (comma separated: pending,running,retry_wait,succeeded,failed,cancelled).
     #[arg(long, value_delimiter = ',')]
-    state: Vec<JobState>,
+    pub(crate) state: Vec<JobState>,
     /// Only jobs whose latest attempt ran on this backend.
     #[arg(long)]
-    backend: Option<String>,
+    pub(crate) backend: Option<String>,
     /// Only jobs with this label (`key=value`).
     #[arg(long)]
-    label: Option<String>,
+    pub(crate) label: Option<String>,
     /// Only jobs whose error contains this text.
     #[arg(long)]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
     /// Page size (1–1000).
     #[arg(long, default_value_t = 50)]
-    limit: u32,
+    pub(crate) limit: u32,
     /// Jobs older than this id (the `next` of the previous page).
     #[arg(long)]
-    before: Option<JobId>,
+    pub(crate) before: Option<JobId>,
     /// JSON output.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 pub async fn jobs(store: Arc<dyn TaskStore>, a: JobsArgs) -> Result<i32> {
@@ -82,6 +82,12 @@ pub async fn jobs(store: Arc<dyn TaskStore>, a: JobsArgs) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&page)?);
         return Ok(0);
     }
+    print_page(&page);
+    Ok(0)
+}
+
+/// The table of `jobs`.
+pub fn print_page(page: &JobPage) {
     println!(
         "{:<36}  {:<10}  {:>3}  {:>5}  {:<12}  detail",
         "job", "state", "try", "%", "backend"
@@ -108,7 +114,6 @@ pub async fn jobs(store: Arc<dyn TaskStore>, a: JobsArgs) -> Result<i32> {
     if let Some(next) = page.next {
         println!("more: --before {next}");
     }
-    Ok(0)
 }
 
 pub async fn job(store: Arc<dyn TaskStore>, id: JobId, json: bool) -> Result<i32> {
@@ -130,6 +135,12 @@ pub async fn job(store: Arc<dyn TaskStore>, id: JobId, json: bool) -> Result<i32
         );
         return Ok(0);
     }
+    print_job(&job, &events);
+    Ok(0)
+}
+
+/// The human view of `job`.
+pub fn print_job(job: &JobRecord, events: &[Event]) {
     println!(
         "job {}  {}  (submitted {})",
         job.id, job.state, job.created_at
@@ -183,10 +194,14 @@ pub async fn job(store: Arc<dyn TaskStore>, id: JobId, json: bool) -> Result<i32
         );
     }
     println!("events:");
-    for e in &events {
-        println!("  #{:<4} {} {}", e.seq, e.at, e.kind.name());
+    for e in events {
+        println!(
+            "  #{:<4} {} {}",
+            e.seq,
+            e.at,
+            crate::follow::describe(&e.kind)
+        );
     }
-    Ok(0)
 }
 
 pub async fn cancel(
@@ -286,13 +301,23 @@ pub async fn reap(
         );
         return Ok(0);
     }
+    print_reap(
+        &report.items,
+        dry_run,
+        backup.map(|b| b.display().to_string()).as_deref(),
+    );
+    Ok(0)
+}
+
+/// The human view of a reap report.
+pub fn print_reap(items: &[ReapItem], dry_run: bool, backup: Option<&str>) {
     if let Some(b) = backup {
-        println!("backup: {}", b.display());
+        println!("backup: {b}");
     }
-    if report.items.is_empty() {
+    if items.is_empty() {
         println!("no stuck jobs");
     }
-    for i in &report.items {
+    for i in items {
         println!(
             "{}{} {}  attempt {}  owner {}  backend {}  age {}s  last progress {}  → {:?}",
             if dry_run { "would: " } else { "" },
@@ -311,15 +336,18 @@ pub async fn reap(
             i.action
         );
     }
-    Ok(0)
 }
 
-pub async fn backup(store: Arc<dyn TaskStore>, dest: &Path) -> Result<i32> {
+pub async fn backup(store: Arc<dyn TaskStore>, dest: &Path, json: bool) -> Result<i32> {
     store
         .backup(dest)
         .await
         .with_context(|| format!("backup to {}", dest.display()))?;
-    println!("backup written to {}", dest.display());
+    if json {
+        println!("{}", serde_json::json!({ "path": dest }));
+    } else {
+        println!("backup written to {}", dest.display());
+    }
     Ok(0)
 }
 
@@ -328,17 +356,22 @@ pub async fn prune(
     db: Option<&Path>,
     older_than: Duration,
     no_backup: bool,
+    json: bool,
 ) -> Result<i32> {
     let backup = if no_backup {
         None
     } else {
         auto_backup(&store, db).await?
     };
+    let cutoff = SystemClock.now().sub(older_than);
+    let n = store.prune(cutoff).await?;
+    if json {
+        println!("{}", serde_json::json!({ "pruned": n, "backup": backup }));
+        return Ok(0);
+    }
     if let Some(b) = &backup {
         println!("backup: {}", b.display());
     }
-    let cutoff = SystemClock.now().sub(older_than);
-    let n = store.prune(cutoff).await?;
     println!(
         "pruned {n} finished job(s) older than {}s",
         older_than.as_secs()
@@ -346,10 +379,58 @@ pub async fn prune(
     Ok(0)
 }
 
-#[allow(dead_code)]
-pub fn ensure_positive(limit: u32) -> Result<()> {
-    if limit == 0 || limit > 1000 {
-        bail!("--limit must be 1 to 1000, got {limit}");
+/// Prints one stored event: a line, or its JSON (one object per line).
+pub fn print_event(e: &Event, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(e)?);
+    } else {
+        println!("{}", crate::follow::event_line(e));
     }
     Ok(())
+}
+
+/// `events` on the store: the stored events (of one job, or all), oldest first; with `follow`,
+/// then new ones as they are written (by a `worker` or `serve` on the same database) until the
+/// job ends, or until Ctrl-C.
+pub async fn events(
+    store: Arc<dyn TaskStore>,
+    job: Option<JobId>,
+    follow: bool,
+    after: Option<u64>,
+    limit: u32,
+    json: bool,
+) -> Result<i32> {
+    if let Some(id) = job
+        && store.get(id).await?.is_none()
+    {
+        eprintln!("job {id} not found");
+        return Ok(crate::client::exit::NOT_FOUND_OR_CANCELLED);
+    }
+    let mut after = after;
+    let page = if follow { 1000 } else { limit.clamp(1, 10_000) };
+    let mut interrupt = crate::Interrupt::ctrl_c()?;
+    loop {
+        let batch = store
+            .events(&EventQuery {
+                job,
+                after,
+                limit: page,
+            })
+            .await?;
+        let mut ended = false;
+        for e in &batch {
+            print_event(e, json)?;
+            after = Some(e.id);
+            ended |= job.is_some() && e.kind.terminal_state().is_some();
+        }
+        if !follow || ended {
+            return Ok(0);
+        }
+        if batch.len() < page as usize {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                _ = interrupt.recv() => return Ok(crate::client::exit::INTERRUPTED),
+            }
+        }
+    }
 }

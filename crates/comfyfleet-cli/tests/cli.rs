@@ -5,6 +5,11 @@
 use assert_cmd::Command;
 use predicates::prelude::*;
 
+// One test binary per crate (each one links the whole dependency tree): the service tests live
+// in a module of this one.
+#[path = "cli/service.rs"]
+mod service;
+
 fn comfyfleet() -> Command {
     Command::cargo_bin("comfyfleet").unwrap()
 }
@@ -41,6 +46,7 @@ fn demo_runs_a_batch_with_a_failover_and_exits_zero() {
         stderr.contains("gpu-3-flaky blocked for this workflow"),
         "{stderr}"
     );
+    assert!(stderr.contains("dashboard: http://127.0.0.1:"), "{stderr}");
     // The job needing the custom node ran where it is installed.
     let custom = &jobs[2];
     assert_eq!(custom["attempts"][0]["backend"], "gpu-2", "{custom}");
@@ -141,6 +147,28 @@ fn store_commands_work_on_a_sqlite_database() {
         .success()
         .stdout(predicate::str::contains("attempt").and(predicate::str::contains("node 2")));
 
+    let events = comfyfleet()
+        .args(["events", &id, "--json", "--store", &url])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let events: Vec<serde_json::Value> = String::from_utf8(events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["type"], "submitted");
+    assert_eq!(events.last().unwrap()["type"], "succeeded");
+    // Following a finished job's events ends at once, after its terminal event.
+    comfyfleet()
+        .args(["events", &id, "--follow", "--store", &url])
+        .env_remove("COMFYFLEET_SERVER")
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("succeeded on"));
     let res = json_of(comfyfleet().args(["cancel", "--json", &id, "--store", &url]));
     assert_eq!(res[0]["result"], "already succeeded");
     comfyfleet()
