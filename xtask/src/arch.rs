@@ -65,7 +65,8 @@ const IO_CRATES: &[&str] = &[
     "warp",
     "ureq",
     "tonic",
-    "utoipa",
+    // (utoipa is not here: it only describes types — core derives `ToSchema` behind its optional
+    // `openapi` feature, which the server turns on — and does no I/O.)
     // websockets
     "tokio-tungstenite",
     "tungstenite",
@@ -596,7 +597,7 @@ mod tests {
             "sqlx",
             "russh",
             "tokio-tungstenite",
-            "utoipa",
+            "axum",
             "libsqlite3-sys",
         ] {
             let v = with(&[(ENGINE, bad)], &[]);
