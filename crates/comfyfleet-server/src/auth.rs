@@ -73,7 +73,8 @@ pub(crate) async fn require_token(
     }
 }
 
-/// Cross-site request forgery guard for state-changing requests. Without a token the API trusts
+/// Cross-site request forgery guard for state-changing requests and WebSocket upgrades (which
+/// browsers send cross-site without CORS). Without a token the API trusts
 /// anything on loopback, and a web page the user visits could otherwise `POST` a "simple"
 /// request (a form: no preflight) to `127.0.0.1` — cancel jobs, submit multipart jobs. A `POST`
 /// whose `Origin` is neither this server nor a configured CORS origin, or that the browser marks
@@ -83,13 +84,48 @@ pub(crate) async fn same_origin(
     req: Request,
     next: Next,
 ) -> Response {
-    if req.method() == axum::http::Method::POST && !allowed_origin(&state, &req) {
+    // Without a token the server trusts loopback; a DNS-rebinding page reaches it under a
+    // foreign host name, so only loopback host names are accepted then.
+    if state.config.tokens.is_empty() && !loopback_host(&req) {
+        return ApiError::forbidden(
+            "this server has no token and answers only to loopback host names (localhost, 127.0.0.1, [::1])",
+        )
+        .into_response();
+    }
+    let websocket = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if (req.method() == axum::http::Method::POST || websocket) && !allowed_origin(&state, &req) {
         return ApiError::forbidden(
             "cross-site request refused: the Origin is neither this server nor in cors_origins",
         )
         .into_response();
     }
     next.run(req).await
+}
+
+fn loopback_host(req: &Request) -> bool {
+    let Some(host) = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().host())
+    else {
+        // HTTP/1.0 without Host: not a browser.
+        return true;
+    };
+    // Strip the port (`[::1]:8330`, `127.0.0.1:8330`, `localhost:8330`).
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn allowed_origin(state: &AppState, req: &Request) -> bool {

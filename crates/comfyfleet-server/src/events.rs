@@ -28,6 +28,9 @@ use tokio_util::sync::CancellationToken;
 /// Page size for store reads.
 const PAGE: u32 = 500;
 
+/// How often an idle client stream re-reads the store as a backstop.
+const RECHECK: Duration = Duration::from_secs(15);
+
 /// A stored job event with its JSON, serialized once for every client.
 #[derive(Debug)]
 pub(crate) struct Published {
@@ -175,7 +178,14 @@ pub(crate) async fn last_event_id(
     Ok(lo)
 }
 
-/// The tail: store → hub in id order, woken by the engine's notifications and a poll.
+/// Sets where the tail starts (the store's last event id, read before the server accepts
+/// connections, so no client sees a half-initialised hub).
+pub(crate) fn start_at(hub: &Hub, last: u64) {
+    hub.published.store(last, Ordering::SeqCst);
+}
+
+/// The tail: store → hub in id order, woken by the engine's notifications and a poll. Starts
+/// after [`start_at`].
 pub(crate) async fn run_tail(
     engine: Engine,
     hub: Arc<Hub>,
@@ -185,19 +195,7 @@ pub(crate) async fn run_tail(
 ) {
     let store = engine.store().clone();
     let mut rx = engine.subscribe();
-    let mut cursor = loop {
-        match last_event_id(store.as_ref()).await {
-            Ok(id) => break id,
-            Err(e) => {
-                tracing::warn!(error = %e, "event tail: reading the last event id failed; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(poll) => {}
-                }
-            }
-        }
-    };
-    hub.published.store(cursor, Ordering::SeqCst);
+    let mut cursor = hub.published();
     loop {
         // Drain the store.
         loop {
@@ -274,6 +272,7 @@ pub(crate) fn client_stream(
             (None, None) => hub.published(),
         };
         let mut replay = true;
+        let mut final_pass = false;
         loop {
             if replay {
                 replay = false;
@@ -303,19 +302,33 @@ pub(crate) fn client_stream(
                         break;
                     }
                 }
-                // Resumed after the job's terminal event (or it ended meanwhile): the store has
-                // everything (the terminal event is written with the state), so we are done.
+                // The job ended (or we resumed after its end)? Its terminal event is written
+                // with the state, so one more pass over the store picks up anything written
+                // since the reads above, and then the stream is complete.
                 if let Some(job) = sel.job {
                     match store.get(job).await {
-                        Ok(Some(j)) if j.state.is_terminal() => return,
+                        Ok(Some(j)) if j.state.is_terminal() => {
+                            if final_pass {
+                                return;
+                            }
+                            final_pass = true;
+                            replay = true;
+                            continue;
+                        }
                         Ok(None) => return,
                         _ => {}
                     }
                 }
             }
+            // Besides live events, re-read the store now and then: a backstop for anything the
+            // hub did not carry (another process's writes between polls, a missed wake-up).
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = rx.recv() => r,
+                _ = tokio::time::sleep(RECHECK) => {
+                    replay = true;
+                    continue;
+                }
             };
             match next {
                 Ok(Item::Job(p)) => {

@@ -55,8 +55,11 @@ pub struct ServerConfig {
     pub max_upload_bytes: usize,
     /// Secret for webhook signatures; jobs may ask for a webhook only when it is set.
     pub webhook_secret: Option<SecretString>,
-    /// Tries per webhook delivery (default 8).
+    /// Tries per webhook delivery (default 8; exponential backoff from 1 s, at most 2 min apart).
     pub webhook_tries: usize,
+    /// Allow webhooks to loopback and private addresses (default `false`: a submitter must not
+    /// make the service call its neighbours).
+    pub webhook_allow_private: bool,
     /// Where `POST /v1/maintenance/backup` and pruning write backups. `None`: backups are refused.
     pub backup_dir: Option<PathBuf>,
     /// Events buffered for slow live clients before they are told they lagged (default 4096).
@@ -77,6 +80,7 @@ impl Default for ServerConfig {
             max_upload_bytes: 256 << 20,
             webhook_secret: None,
             webhook_tries: 8,
+            webhook_allow_private: false,
             backup_dir: None,
             event_buffer: 4096,
             event_poll_ms: 500,
@@ -98,6 +102,7 @@ impl std::fmt::Debug for ServerConfig {
                 &self.webhook_secret.as_ref().map(|_| "[redacted]"),
             )
             .field("webhook_tries", &self.webhook_tries)
+            .field("webhook_allow_private", &self.webhook_allow_private)
             .field("backup_dir", &self.backup_dir)
             .field("event_buffer", &self.event_buffer)
             .field("event_poll_ms", &self.event_poll_ms)
@@ -118,6 +123,9 @@ pub enum ServerError {
     /// A setting is invalid.
     #[error("invalid server setting: {0}")]
     Config(String),
+    /// The store did not answer at start-up.
+    #[error("the store is unavailable: {0}")]
+    Store(String),
     /// The address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -136,6 +144,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) webhooks: Arc<webhooks::Webhooks>,
     pub(crate) stop: CancellationToken,
+    pub(crate) webhook_stop: CancellationToken,
 }
 
 pub(crate) type AppState = Arc<Shared>;
@@ -208,7 +217,19 @@ impl Server {
         }
 
         let stop = CancellationToken::new();
+        // Webhook deliveries outlive `stop` by the shutdown grace period.
+        let webhook_stop = CancellationToken::new();
         let hub = events::Hub::new(config.event_buffer);
+        // Before serving: live streams start "now", and the tail (metrics, webhooks) continues
+        // from here.
+        let last = tokio::time::timeout(
+            Duration::from_secs(30),
+            events::last_event_id(engine.store().as_ref()),
+        )
+        .await
+        .map_err(|_| ServerError::Store("the store did not answer within 30 s".into()))?
+        .map_err(|e| ServerError::Store(e.to_string()))?;
+        events::start_at(&hub, last);
         let metrics = Arc::new(metrics::Metrics::new());
         let webhooks = Arc::new(webhooks::Webhooks::new(
             config
@@ -220,8 +241,9 @@ impl Server {
                     tries: config.webhook_tries.max(1),
                     first_delay: Duration::from_secs(1),
                     max_delay: Duration::from_secs(120),
+                    allow_private: config.webhook_allow_private,
                 }),
-            stop.child_token(),
+            webhook_stop.clone(),
         ));
         let shared = Arc::new(Shared {
             engine: engine.clone(),
@@ -230,6 +252,7 @@ impl Server {
             metrics: metrics.clone(),
             webhooks: webhooks.clone(),
             stop: stop.clone(),
+            webhook_stop: webhook_stop.clone(),
         });
 
         let tasks = TaskTracker::new();
@@ -295,11 +318,16 @@ impl Server {
     pub async fn shutdown(self) {
         self.shared.stop.cancel();
         self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
             self.tasks.wait().await;
             self.shared.webhooks.wait().await;
         })
         .await;
+        if waited.is_err() {
+            tracing::warn!("shutdown: webhook deliveries still retrying after 10 s are abandoned");
+        }
+        self.shared.webhook_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.webhooks.wait()).await;
     }
 }
 

@@ -234,11 +234,16 @@ async fn request_timeout(
     next: axum::middleware::Next,
 ) -> Response {
     let path = req.uri().path();
-    let streaming = path.ends_with("/stream")
+    // Streams, downloads and uploads take as long as the data does; maintenance may copy a big
+    // database. They end with the client or the server instead.
+    let exempt = path.ends_with("/stream")
         || path.ends_with("/ws")
         || path == "/v1/events"
-        || path.contains("/outputs/");
-    if streaming {
+        || path.contains("/outputs/")
+        || path == "/v1/inputs"
+        || (path == "/v1/jobs" && req.method() == axum::http::Method::POST)
+        || path.starts_with("/v1/maintenance/");
+    if exempt {
         return next.run(req).await;
     }
     let limit = Duration::from_secs(state.config.request_timeout_secs.max(1));
@@ -365,11 +370,22 @@ async fn submit_job(State(state): State<AppState>, req: Request) -> Result<Respo
     } else if ct.starts_with("application/json") {
         let bytes = axum::body::to_bytes(req.into_body(), state.config.max_body_bytes)
             .await
-            .map_err(|_| {
-                ApiError::too_large(format!(
-                    "the body is over {} bytes (max_body_bytes)",
-                    state.config.max_body_bytes
-                ))
+            .map_err(|e| {
+                // `to_bytes` fails on the limit (http-body-util's LengthLimitError) or on a
+                // broken connection; only the first is the client's body being too big.
+                let over =
+                    std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                        e.source()
+                    })
+                    .any(|e| e.to_string().contains("length limit"));
+                if over {
+                    ApiError::too_large(format!(
+                        "the body is over {} bytes (max_body_bytes)",
+                        state.config.max_body_bytes
+                    ))
+                } else {
+                    ApiError::bad_request(format!("could not read the body: {e}"))
+                }
             })?;
         let spec: SubmitRequest = serde_json::from_slice(&bytes).map_err(|e| {
             if e.is_data() {
@@ -388,6 +404,10 @@ async fn submit_job(State(state): State<AppState>, req: Request) -> Result<Respo
         return Err(ApiError::invalid(
             "this server has no webhook_secret configured, so it cannot sign webhooks; submit without `webhook` or configure one",
         ));
+    }
+    if let Some(w) = &submit.webhook {
+        crate::webhooks::check_url(w, state.config.webhook_allow_private)
+            .map_err(ApiError::invalid)?;
     }
     let mut spec = submit.into_spec();
     // Check the spec before storing any file, so a bad job stores nothing.
@@ -789,19 +809,21 @@ async fn upload_inputs(
 // ---------------------------------------------------------------------------------------------
 // Live events
 
+/// The resume point: the later of `?after=` and `Last-Event-ID` (a browser's `EventSource`
+/// reconnects to the same URL, `?after=` included, with the header saying how far it got).
 fn last_event_id(headers: &HeaderMap, after: Option<u64>) -> Result<Option<u64>, ApiError> {
-    if after.is_some() {
-        return Ok(after);
-    }
-    match headers.get("last-event-id") {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(Some)
-            .ok_or_else(|| ApiError::bad_request("Last-Event-ID must be an event id (integer)")),
-    }
+    let header = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("Last-Event-ID must be an event id (integer)")
+                })?,
+        ),
+    };
+    Ok(after.max(header))
 }
 
 fn sse_event(item: Item) -> Result<SseEvent, Infallible> {
@@ -866,6 +888,7 @@ async fn events_sse(
         ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this event id")),
     responses(
         (status = 200, description = "`text/event-stream`", content_type = "text/event-stream", body = String),
+        (status = 204, description = "Resumed after the job's terminal event: nothing more will come"),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
@@ -878,7 +901,23 @@ async fn job_events_sse(
     Query(q): Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
     let after = last_event_id(&headers, q.after)?;
-    job_or_404(&state, id).await?;
+    let job = job_or_404(&state, id).await?;
+    if job.state.is_terminal()
+        && let Some(a) = after
+        && state
+            .engine
+            .store()
+            .events(&EventQuery {
+                job: Some(id),
+                after: Some(a),
+                limit: 1,
+            })
+            .await?
+            .is_empty()
+    {
+        // Nothing more will come: 204 tells an EventSource to stop reconnecting.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     Ok(sse(
         &state,
         Selector {
@@ -904,17 +943,14 @@ fn ws_response(
     headers: &HeaderMap,
     sel: Selector,
 ) -> Response {
-    // Browsers cannot set Authorization on WebSockets: they may offer `bearer.<token>` as a
-    // subprotocol (already checked by the auth layer); echo it so the handshake completes.
-    let offered: Vec<String> = headers
-        .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(',').map(|p| p.trim().to_owned()).collect())
-        .unwrap_or_default();
+    // Browsers cannot set Authorization on WebSockets: they offer `comfyfleet` and
+    // `bearer.<token>` as subprotocols (the token is checked by the auth layer); the server
+    // selects `comfyfleet`, so the token is never sent back.
+    let _ = headers;
     let store = state.engine.store().clone();
     let hub = state.hub.clone();
     let stop = state.stop.child_token();
-    ws.protocols(offered)
+    ws.protocols(["comfyfleet"])
         .max_message_size(64 << 10)
         .on_upgrade(move |socket| ws_session(socket, store, hub, sel, stop))
 }
@@ -927,9 +963,10 @@ async fn ws_session(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let (mut tx, mut rx) = socket.split();
+    let mut last: u64 = sel.after.unwrap_or_else(|| hub.published());
     let events = client_stream(store, hub, sel, stop.clone());
     tokio::pin!(events);
-    let mut last: Option<u64> = sel.after;
+    let mut terminal = false;
     loop {
         tokio::select! {
             // The client's messages: only Close matters (pings are answered by axum).
@@ -939,12 +976,26 @@ async fn ws_session(
             },
             item = events.next() => {
                 let Some(item) = item else {
-                    let _ = tx.send(Message::Close(Some(CloseFrame { code: 1000, reason: "done".into() }))).await;
+                    // Why the stream ended: the job's end (1000), the server stopping (1001), or
+                    // the store failing (1011: reconnect later with ?after=).
+                    let (code, reason) = if terminal {
+                        (1000, "done".to_owned())
+                    } else if stop.is_cancelled() {
+                        (1001, "server shutting down".to_owned())
+                    } else {
+                        (1011, format!("store unavailable: reconnect with ?after={last}"))
+                    };
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))),
+                    )
+                    .await;
                     return;
                 };
                 let text = match &item {
                     Item::Job(p) => {
-                        last = Some(p.event.id);
+                        last = p.event.id;
+                        terminal = p.event.kind.terminal_state().is_some();
                         format!("{{\"stream\":\"job\",\"event\":{}}}", p.json)
                     }
                     Item::Fleet(f) => serde_json::json!({"stream": "fleet", "event": &**f}).to_string(),
@@ -954,7 +1005,7 @@ async fn ws_session(
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
                     Err(_) => {
-                        let reason = format!("lagged: reconnect with ?after={}", last.unwrap_or(0));
+                        let reason = format!("lagged: reconnect with ?after={last}");
                         tracing::info!(%reason, "closing a WebSocket client that stopped reading");
                         let _ = tokio::time::timeout(
                             Duration::from_secs(1),
@@ -1268,7 +1319,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let store = tokio::time::timeout(Duration::from_secs(5), state.engine.store().counts()).await;
     let (status, reason) = match store {
         Ok(Ok(_)) => ("ready", None),
-        Ok(Err(e)) => ("not_ready", Some(format!("store: {e}"))),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: the store failed");
+            (
+                "not_ready",
+                Some("the store failed; see the server log".to_owned()),
+            )
+        }
         Err(_) => (
             "not_ready",
             Some("store did not answer within 5s".to_owned()),

@@ -28,6 +28,7 @@ pub(crate) struct WebhookSettings {
     pub(crate) tries: usize,
     pub(crate) first_delay: Duration,
     pub(crate) max_delay: Duration,
+    pub(crate) allow_private: bool,
 }
 
 /// Sends webhooks in the background.
@@ -45,6 +46,90 @@ impl std::fmt::Debug for Webhooks {
             .field("enabled", &self.settings.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// Whether an address is on the public internet (not loopback, private, link-local, CGNAT,
+/// unique-local, unspecified, multicast or documentation space).
+pub(crate) fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || (o[0] == 100 && (64..128).contains(&o[1])) // CGNAT
+                || o[0] == 0)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00 // unique local
+                || (seg[0] & 0xffc0) == 0xfe80) // link local
+        }
+    }
+}
+
+/// Checks a webhook URL when a job is submitted: `http(s)`, a host, and — unless private
+/// targets are allowed — not a literal private address or `localhost` (server-side request
+/// forgery: a submitter must not make the service call its neighbours).
+pub(crate) fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
+    let u = url::Url::parse(url).map_err(|e| format!("webhook: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err("webhook must be an http:// or https:// URL".into());
+    }
+    let host = u.host().ok_or("webhook URL has no host")?;
+    if allow_private {
+        return Ok(());
+    }
+    let private = match host {
+        url::Host::Domain(d) => {
+            d.eq_ignore_ascii_case("localhost") || d.to_ascii_lowercase().ends_with(".localhost")
+        }
+        url::Host::Ipv4(ip) => !is_public(ip.into()),
+        url::Host::Ipv6(ip) => !is_public(ip.into()),
+    };
+    if private {
+        return Err(
+            "webhook points at a loopback or private address; the server refuses that unless webhook_allow_private is set"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Resolves the webhook's host right before sending and refuses private addresses (a public
+/// name may resolve to one).
+async fn resolves_public(url: &str) -> Result<(), String> {
+    let u = url::Url::parse(url).map_err(|e| e.to_string())?;
+    let host = u
+        .host_str()
+        .ok_or("no host")?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = u.port_or_known_default().unwrap_or(443);
+    let addrs = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| format!("resolving {host} timed out"))?
+    .map_err(|e| format!("resolving {host}: {e}"))?;
+    for a in addrs {
+        if !is_public(a.ip()) {
+            return Err(format!("{host} resolves to a private address ({})", a.ip()));
+        }
+    }
+    Ok(())
 }
 
 /// `sha256=<hex>` of the body under the secret.
@@ -112,6 +197,9 @@ impl Webhooks {
                 return;
             };
             let send = || async {
+                if !settings.allow_private {
+                    resolves_public(&url).await?;
+                }
                 let r = client
                     .post(&url)
                     .timeout(settings.timeout)
@@ -161,6 +249,34 @@ impl Webhooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_targets_are_refused_unless_allowed() {
+        for bad in [
+            "http://127.0.0.1:9/x",
+            "http://localhost/x",
+            "http://10.1.2.3/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]/",
+            "http://[fd00::1]/",
+            "http://192.168.0.1/",
+            "http://100.64.0.1/",
+            "http://0.0.0.0/",
+            "http://[::ffff:127.0.0.1]/",
+        ] {
+            assert!(check_url(bad, false).is_err(), "{bad}");
+            assert!(check_url(bad, true).is_ok(), "{bad}");
+        }
+        for good in [
+            "https://example.com/hook",
+            "http://93.184.216.34/x",
+            "https://[2606:4700::1]/",
+        ] {
+            assert!(check_url(good, false).is_ok(), "{good}");
+        }
+        assert!(check_url("ftp://example.com/", true).is_err());
+        assert!(check_url("not a url", true).is_err());
+    }
 
     #[test]
     fn signature_matches_a_known_vector() {

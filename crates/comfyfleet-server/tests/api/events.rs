@@ -167,3 +167,35 @@ async fn resuming_after_the_terminal_event_ends_the_stream() {
     );
     t.shutdown().await;
 }
+
+/// An `EventSource` created on `?after=0` reconnects to the same URL with `Last-Event-ID`: the
+/// later of the two wins, so nothing is replayed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_wins_over_an_older_after_parameter() {
+    let t = TestServer::start().await;
+    let id = t.submit_sleep(0.01).await;
+    t.wait_terminal(id).await;
+    let all: Vec<u64> = t
+        .engine
+        .events(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let mid = all[all.len() / 2];
+    let r = t
+        .get(&format!("/v1/jobs/{id}/events/stream?after=0"))
+        .header("Last-Event-ID", mid.to_string())
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseReader::new(r);
+    let mut got = Vec::new();
+    while let Some(m) = sse.next().await {
+        got.push(m.id.unwrap());
+    }
+    let want: Vec<u64> = all.iter().copied().filter(|i| *i > mid).collect();
+    assert_eq!(got, want);
+    t.shutdown().await;
+}

@@ -188,6 +188,7 @@ async fn webhook_is_signed_and_retried_until_accepted() {
         config: ServerConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
             webhook_secret: Some(secret.into()),
+            webhook_allow_private: true,
             ..ServerConfig::default()
         },
         ..Options::default()
@@ -269,5 +270,88 @@ async fn cross_site_posts_are_refused_and_same_origin_ones_pass() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(t.wait_terminal(id).await.state, JobState::Cancelled);
+    t.shutdown().await;
+}
+
+/// A DNS-rebinding page reaches a token-less server under a foreign host name: refused. A
+/// cross-site WebSocket upgrade is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenless_server_answers_only_loopback_host_names_and_same_origin_websockets() {
+    let t = TestServer::with(Options {
+        token: false,
+        ..Options::default()
+    })
+    .await;
+    let port = t.server.as_ref().unwrap().local_addr().port();
+    let r = t
+        .get("/v1/jobs")
+        .header("host", format!("evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    for ok in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let r = t
+            .get("/v1/jobs")
+            .header("host", ok.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{ok}");
+    }
+    let url = t.url("/v1/events/ws").replacen("http://", "ws://", 1);
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://attacker.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        Err(e) => panic!("expected 403, got {e}"),
+        Ok(_) => panic!("a cross-site WebSocket was accepted"),
+    }
+    t.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_private_addresses_are_refused_by_default() {
+    let t = TestServer::with(Options {
+        config: ServerConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            webhook_secret: Some("webhook-secret-0123456789".into()),
+            ..ServerConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/",
+        "http://localhost/x",
+    ] {
+        let r = t
+            .post("/v1/jobs")
+            .json(&json!({"workflow": comfyfleet_testkit::workflows::invert(), "webhook": url}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422, "{url}");
+        let e: Value = r.json().await.unwrap();
+        assert!(e["message"].as_str().unwrap().contains("private"), "{e}");
+    }
+    let page: Value = t
+        .get("/v1/jobs")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        page["jobs"].as_array().unwrap().is_empty(),
+        "nothing stored"
+    );
     t.shutdown().await;
 }
