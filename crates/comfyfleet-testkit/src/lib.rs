@@ -17,10 +17,12 @@
 pub mod backend_conformance;
 pub mod comfyui_sim;
 pub mod fake;
+pub mod runninghub_sim;
 pub mod store_conformance;
 pub mod workflows;
 
 pub use backend_conformance::{BackendFixtures, backend_conformance};
 pub use comfyui_sim::{ComfyUiSim, SimConfig, SimFaults, SimStats};
 pub use fake::{FakeBackend, FakeBackendBuilder, FakeStats, Fault};
+pub use runninghub_sim::{RunningHubFaults, RunningHubSim, RunningHubSimConfig, RunningHubStats};
 pub use store_conformance::{StoreFactory, store_conformance, store_model_test};
