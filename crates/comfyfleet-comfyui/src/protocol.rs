@@ -573,24 +573,9 @@ pub fn history_artifacts(backend: &BackendId, outputs: &Map<String, Value>) -> V
         .collect()
 }
 
-/// MIME type by extension.
+/// MIME type by extension (see [`comfyfleet_core::content_type_for`]).
 pub fn content_type(filename: &str) -> Option<&'static str> {
-    let ext = filename.rsplit('.').next()?.to_ascii_lowercase();
-    Some(match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "mp4" => "video/mp4",
-        "webm" => "video/webm",
-        "wav" => "audio/wav",
-        "mp3" => "audio/mpeg",
-        "flac" => "audio/flac",
-        "glb" => "model/gltf-binary",
-        "txt" => "text/plain",
-        "json" => "application/json",
-        _ => return None,
-    })
+    comfyfleet_core::content_type_for(filename)
 }
 
 /// Where a prompt stands according to `GET /queue`.

@@ -412,6 +412,27 @@ pub struct Artifact {
     pub locator: Value,
 }
 
+/// The MIME type of an output file by its extension, for the formats ComfyUI workflows write
+/// (`None`: unknown; serve it as `application/octet-stream`).
+pub fn content_type_for(filename: &str) -> Option<&'static str> {
+    let (_, ext) = filename.rsplit_once('.')?;
+    Some(match ext.to_ascii_lowercase().as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "wav" => "audio/wav",
+        "mp3" => "audio/mpeg",
+        "flac" => "audio/flac",
+        "glb" => "model/gltf-binary",
+        "txt" => "text/plain",
+        "json" => "application/json",
+        _ => return None,
+    })
+}
+
 /// The owner and expiry of a running job's lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -53,6 +53,7 @@ pub use inputs::{InputStore, MemoryInputs};
 pub use job::{
     Artifact, Attempt, AttemptOutcome, CancelStep, Constraints, JobRecord, JobSpec, JobState,
     JobSummary, LeaseInfo, NodeTiming, PhaseDeadline, SpecError, TimeoutOverrides, Upload,
+    content_type_for,
 };
 pub use memory::MemoryStore;
 pub use progress::{Progress, ProgressTracker};

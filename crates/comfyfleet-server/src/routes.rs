@@ -724,10 +724,11 @@ async fn job_output(
             }
             e => e.into(),
         })?;
-    let content_type = artifact
-        .content_type
-        .clone()
-        .unwrap_or_else(|| guess_content_type(&artifact.filename).to_owned());
+    let content_type = artifact.content_type.clone().unwrap_or_else(|| {
+        comfyfleet_core::content_type_for(&artifact.filename)
+            .unwrap_or("application/octet-stream")
+            .to_owned()
+    });
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -747,24 +748,6 @@ async fn job_output(
     }
     let body = Body::from_stream(stream.map(|r| r.map_err(std::io::Error::other)));
     Ok((headers, body).into_response())
-}
-
-fn guess_content_type(name: &str) -> &'static str {
-    let ext = name.rsplit('.').next().unwrap_or("").to_ascii_lowercase();
-    match ext.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "mp4" => "video/mp4",
-        "webm" => "video/webm",
-        "wav" => "audio/wav",
-        "mp3" => "audio/mpeg",
-        "flac" => "audio/flac",
-        "txt" => "text/plain; charset=utf-8",
-        "json" => "application/json",
-        _ => "application/octet-stream",
-    }
 }
 
 /// Store input files for jobs to use (multipart; each file part's file name is the input name).
@@ -1120,6 +1103,20 @@ async fn get_backend(
     Ok(Json(backend_view(&state, &id)?))
 }
 
+fn set_availability(
+    state: &AppState,
+    id: &str,
+    drain: bool,
+) -> Result<Json<BackendView>, ApiError> {
+    let backend = comfyfleet_core::BackendId::new(id);
+    if drain {
+        state.engine.drain(&backend)?;
+    } else {
+        state.engine.enable(&backend)?;
+    }
+    Ok(Json(backend_view(state, id)?))
+}
+
 /// Stop sending new work to a backend; running executions finish.
 #[utoipa::path(
     post, path = "/v1/backends/{id}/drain", tag = "backends",
@@ -1130,10 +1127,7 @@ async fn drain_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<BackendView>, ApiError> {
-    state
-        .engine
-        .drain(&comfyfleet_core::BackendId::new(id.clone()))?;
-    Ok(Json(backend_view(&state, &id)?))
+    set_availability(&state, &id, true)
 }
 
 /// Send work to a drained or quarantined backend again.
@@ -1146,10 +1140,7 @@ async fn enable_backend(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<BackendView>, ApiError> {
-    state
-        .engine
-        .enable(&comfyfleet_core::BackendId::new(id.clone()))?;
-    Ok(Json(backend_view(&state, &id)?))
+    set_availability(&state, &id, false)
 }
 
 // ---------------------------------------------------------------------------------------------

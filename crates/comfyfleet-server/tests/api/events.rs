@@ -102,14 +102,7 @@ async fn global_stream_resume_is_gapless_across_jobs() {
     }
     drop(sse);
     // Wait for all four to finish.
-    let page: Value = t
-        .get("/v1/jobs")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = t.get_json("/v1/jobs").await;
     for j in page["jobs"].as_array().unwrap() {
         t.wait_terminal(j["id"].as_str().unwrap().parse().unwrap())
             .await;

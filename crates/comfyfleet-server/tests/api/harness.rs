@@ -119,6 +119,17 @@ impl TestServer {
         self.req(reqwest::Method::GET, path)
     }
 
+    /// `GET path` as JSON (any status).
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("JSON body")
+    }
+
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.req(reqwest::Method::POST, path)
     }

@@ -12,14 +12,7 @@ async fn submit_runs_and_the_job_shows_attempts_timings_and_outputs() {
     let job = t.wait_terminal(id).await;
     assert_eq!(job.state, JobState::Succeeded);
 
-    let v: Value = t
-        .get(&format!("/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = t.get_json(&format!("/v1/jobs/{id}")).await;
     assert_eq!(v["state"], "succeeded");
     let attempts = v["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 1);
@@ -53,23 +46,9 @@ async fn submit_runs_and_the_job_shows_attempts_timings_and_outputs() {
     assert_eq!(e["code"], "not_found");
 
     // Listed, counted.
-    let page: Value = t
-        .get("/v1/jobs?state=succeeded")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = t.get_json("/v1/jobs?state=succeeded").await;
     assert_eq!(page["jobs"][0]["id"], id.to_string());
-    let counts: Value = t
-        .get("/v1/jobs/counts")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let counts: Value = t.get_json("/v1/jobs/counts").await;
     assert_eq!(counts["counts"]["succeeded"], 1);
     assert_eq!(counts["total"], 1);
     t.shutdown().await;

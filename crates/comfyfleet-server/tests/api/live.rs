@@ -97,14 +97,7 @@ async fn a_stalled_subscriber_does_not_slow_the_engine_or_other_clients() {
     for _ in 0..40 {
         t.submit_sleep(0.01).await;
     }
-    let page: Value = t
-        .get("/v1/jobs?limit=100")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = t.get_json("/v1/jobs?limit=100").await;
     for j in page["jobs"].as_array().unwrap() {
         let job = t
             .wait_terminal(j["id"].as_str().unwrap().parse().unwrap())
@@ -341,14 +334,7 @@ async fn webhooks_to_private_addresses_are_refused_by_default() {
         let e: Value = r.json().await.unwrap();
         assert!(e["message"].as_str().unwrap().contains("private"), "{e}");
     }
-    let page: Value = t
-        .get("/v1/jobs")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = t.get_json("/v1/jobs").await;
     assert!(
         page["jobs"].as_array().unwrap().is_empty(),
         "nothing stored"
