@@ -52,17 +52,23 @@ fn from_transport(e: TransportError) -> BackendError {
     transient(e.to_string())
 }
 
-/// How many tasks of ours may run now, and how many do.
+/// How many tasks of ours may run now, how many do, and who waits for a slot (first come,
+/// first served: a submit that has waited longest gets the next free slot, so later jobs never
+/// jump the queue and starve earlier ones into a back-pressure timeout).
 #[derive(Debug)]
 struct Slots {
     in_flight: u32,
     effective: u32,
+    waiters: std::collections::VecDeque<u64>,
+    next_ticket: u64,
 }
 
 struct Shared {
     config: RunningHubConfig,
     client: RunningHubClient,
     slots: Mutex<Slots>,
+    /// Woken when a slot frees up or the queue changes.
+    slot_freed: Notify,
     /// upload `sha256:name` → RunningHub `fileName`.
     uploaded: Mutex<HashMap<String, String>>,
     /// Tasks we asked to cancel.
@@ -73,14 +79,41 @@ struct Shared {
 }
 
 impl Shared {
-    fn try_reserve(&self) -> bool {
+    /// Joins the queue for a slot; `front` keeps a submit's place after an 814.
+    fn enqueue(&self, front: Option<u64>) -> u64 {
         let mut s = lock(&self.slots);
-        if s.in_flight < s.effective {
+        match front {
+            Some(t) => {
+                s.waiters.push_front(t);
+                t
+            }
+            None => {
+                let t = s.next_ticket;
+                s.next_ticket += 1;
+                s.waiters.push_back(t);
+                t
+            }
+        }
+    }
+
+    /// Takes a slot if `ticket` is first in line and one is free.
+    fn try_reserve(&self, ticket: u64) -> bool {
+        let mut s = lock(&self.slots);
+        if s.waiters.front() == Some(&ticket) && s.in_flight < s.effective {
+            s.waiters.pop_front();
             s.in_flight += 1;
             true
         } else {
             false
         }
+    }
+
+    /// Leaves the queue (gave up, or the submit was cancelled).
+    fn leave(&self, ticket: u64) {
+        let mut s = lock(&self.slots);
+        s.waiters.retain(|t| *t != ticket);
+        drop(s);
+        self.slot_freed.notify_waiters();
     }
 
     fn release(&self, finished: bool) {
@@ -90,6 +123,8 @@ impl Shared {
             // A task ended: probe one more slot.
             s.effective += 1;
         }
+        drop(s);
+        self.slot_freed.notify_waiters();
     }
 
     fn back_pressure(&self) {
@@ -101,6 +136,19 @@ impl Shared {
     fn set_limit(&self, limit: u32) {
         let mut s = lock(&self.slots);
         s.effective = limit.clamp(1, self.config.max_concurrent.max(1));
+    }
+}
+
+/// A place in the slot queue; leaving it (drop: gave up, or the submit future was cancelled)
+/// lets the next one in.
+struct Ticket<'a> {
+    shared: &'a Shared,
+    ticket: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.shared.leave(self.ticket);
     }
 }
 
@@ -141,7 +189,10 @@ impl RunningHubBackend {
                 slots: Mutex::new(Slots {
                     in_flight: 0,
                     effective,
+                    waiters: std::collections::VecDeque::new(),
+                    next_ticket: 0,
                 }),
+                slot_freed: Notify::new(),
                 uploaded: Mutex::new(HashMap::new()),
                 cancelled: Mutex::new(Default::default()),
                 config_error: Mutex::new(None),
@@ -843,16 +894,33 @@ impl Backend for RunningHubBackend {
         )?;
         let deadline = Instant::now() + cfg.backpressure_max_wait;
         let mut wait = cfg.backpressure_wait;
+        let mut queued = Some(Ticket {
+            shared,
+            ticket: shared.enqueue(None),
+        });
         loop {
-            if !shared.try_reserve() {
-                if Instant::now() + wait > deadline {
+            let ticket = match &queued {
+                Some(t) => t.ticket,
+                None => {
+                    return Err(transient("RunningHub submit lost its place in line"));
+                }
+            };
+            if !shared.try_reserve(ticket) {
+                // Wait for a slot to free up (woken at once), re-checking now and then.
+                let notified = shared.slot_freed.notified();
+                if Instant::now() >= deadline {
                     return Err(transient(format!(
                         "RunningHub backend {} is at its concurrency limit",
                         cfg.id
                     )));
                 }
-                tokio::time::sleep(wait).await;
+                let _ =
+                    tokio::time::timeout_at(deadline.min(Instant::now() + wait), notified).await;
                 continue;
+            }
+            // We hold a slot; our place in line is used up.
+            if let Some(t) = queued.take() {
+                std::mem::forget(t);
             }
             let answer = match shared.client.create(&task).await {
                 Ok(a) => a,
@@ -884,6 +952,11 @@ impl Backend for RunningHubBackend {
                 }
                 Verdict::BackPressure { msg } => {
                     shared.back_pressure();
+                    // Back to the head of the line: this submit has waited longest.
+                    queued = Some(Ticket {
+                        shared,
+                        ticket: shared.enqueue(Some(ticket)),
+                    });
                     shared.release(false);
                     if Instant::now() + wait > deadline {
                         return Err(transient(format!(
