@@ -170,48 +170,135 @@ enum SimCommand {
         #[arg(long, default_value_t = 1.0)]
         time_scale: f64,
     },
+    /// A RunningHub OpenAPI simulator (create / status / outputs / cancel, uploads, account and
+    /// queue status, the `netWssUrl` socket; codes 804/805/806/807/813/814). Prints its base URL
+    /// and the API key to use.
+    Runninghub {
+        /// Port on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 8189)]
+        port: u16,
+        /// Time factor for simulated work (1.0: real time, a task queues 1 s and runs 5 s; 0.1:
+        /// ten times faster).
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// The API key it accepts (others answer 401).
+        #[arg(long, default_value = "sim-api-key")]
+        key: String,
+        /// The key's concurrency limit: a create beyond it answers 814.
+        #[arg(long, default_value_t = 1)]
+        limit: usize,
+        /// Faults: silent-websocket, hang-websocket, slow-proxy, hang-tasks, fail-tasks,
+        /// flaky-http, malformed-json, user-not-found (unknown keys get 806 instead of 401).
+        #[arg(long, value_delimiter = ',')]
+        fault: Vec<String>,
+    },
 }
 
 async fn sim(cmd: SimCommand) -> Result<i32> {
     use comfyfleet::testkit::comfyui_sim::{ComfyUiSim, HangMidNode, SimConfig};
-    let SimCommand::Comfyui {
-        port,
-        nodes,
-        fault,
-        time_scale,
-    } = cmd;
-    if !(time_scale.is_finite() && time_scale > 0.0) {
-        anyhow::bail!("--time-scale must be a positive number, got {time_scale}");
-    }
-    let mut config = SimConfig::scaled(time_scale);
-    config.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    for n in nodes {
-        config.extra_node_classes.insert(n, false);
-    }
-    for f in &fault {
-        match f.as_str() {
-            "hang-after-accept" => config.faults.hang_after_accept = true,
-            "hang-mid-node" => config.faults.hang_mid_node = Some(HangMidNode::default()),
-            "stuck-node" => {
-                config.faults.hang_mid_node = Some(HangMidNode {
-                    class_type: None,
-                    ignore_interrupt: true,
-                })
+    use comfyfleet::testkit::runninghub_sim::{
+        ApiKeyConfig, HttpErrors, RunningHubSim, RunningHubSimConfig, Trigger, UnknownKeyAnswer,
+    };
+    let check_scale = |time_scale: f64| {
+        if time_scale.is_finite() && time_scale > 0.0 {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "--time-scale must be a positive number, got {time_scale}"
+            ))
+        }
+    };
+    match cmd {
+        SimCommand::Comfyui {
+            port,
+            nodes,
+            fault,
+            time_scale,
+        } => {
+            check_scale(time_scale)?;
+            let mut config = SimConfig::scaled(time_scale);
+            config.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            for n in nodes {
+                config.extra_node_classes.insert(n, false);
             }
-            "silent-websocket" => config.faults.silent_websocket = true,
-            "old-interrupt" => config.faults.interrupt_ignores_prompt_id = true,
-            other => anyhow::bail!(
-                "unknown fault {other:?} (hang-after-accept, hang-mid-node, stuck-node, silent-websocket, old-interrupt)"
-            ),
+            for f in &fault {
+                match f.as_str() {
+                    "hang-after-accept" => config.faults.hang_after_accept = true,
+                    "hang-mid-node" => config.faults.hang_mid_node = Some(HangMidNode::default()),
+                    "stuck-node" => {
+                        config.faults.hang_mid_node = Some(HangMidNode {
+                            class_type: None,
+                            ignore_interrupt: true,
+                        })
+                    }
+                    "silent-websocket" => config.faults.silent_websocket = true,
+                    "old-interrupt" => config.faults.interrupt_ignores_prompt_id = true,
+                    other => anyhow::bail!(
+                        "unknown fault {other:?} (hang-after-accept, hang-mid-node, stuck-node, silent-websocket, old-interrupt)"
+                    ),
+                }
+            }
+            let mut stop = Interrupt::shutdown()?;
+            let sim = ComfyUiSim::start(config)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding 127.0.0.1:{port}: {e}"))?;
+            println!("ComfyUI simulator listening on {}", sim.base_url());
+            stop.recv().await;
+            sim.shutdown().await;
+        }
+        SimCommand::Runninghub {
+            port,
+            time_scale,
+            key,
+            limit,
+            fault,
+        } => {
+            check_scale(time_scale)?;
+            let key = key.trim().to_owned();
+            if key.is_empty() {
+                anyhow::bail!("--key must not be empty");
+            }
+            if limit == 0 {
+                anyhow::bail!("--limit must be at least 1");
+            }
+            let mut config = RunningHubSimConfig::scaled(time_scale).port(port);
+            config.keys.clear();
+            config
+                .keys
+                .insert(key.clone(), ApiKeyConfig::with_limit(limit));
+            for f in &fault {
+                match f.as_str() {
+                    "silent-websocket" => config.faults.silent_websocket = true,
+                    "hang-websocket" => config.faults.hang_websocket_handshake = true,
+                    // Seed 000: a slow proxy in front of everything.
+                    "slow-proxy" => config.faults.proxy_delay = Duration::from_millis(500),
+                    "hang-tasks" => config.faults.hang_tasks = Trigger::Always,
+                    "fail-tasks" => config.faults.fail_tasks = Trigger::Always,
+                    "flaky-http" => {
+                        config.faults.http_errors = Some(HttpErrors {
+                            status: 502,
+                            trigger: Trigger::Probability(0.2),
+                            path_contains: None,
+                        })
+                    }
+                    "malformed-json" => config.faults.malformed_json = Trigger::Probability(0.2),
+                    "user-not-found" => config.unknown_key = UnknownKeyAnswer::UserNotFound806,
+                    other => anyhow::bail!(
+                        "unknown fault {other:?} (silent-websocket, hang-websocket, slow-proxy, hang-tasks, fail-tasks, flaky-http, malformed-json, user-not-found)"
+                    ),
+                }
+            }
+            let mut stop = Interrupt::shutdown()?;
+            let sim = RunningHubSim::start(config)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding 127.0.0.1:{port}: {e}"))?;
+            println!("RunningHub simulator listening on {}", sim.base_url());
+            // The simulator's own key, not a secret: printed so a client can be pointed at it.
+            println!("API key: {key}");
+            stop.recv().await;
+            sim.shutdown().await;
         }
     }
-    let mut stop = Interrupt::shutdown()?;
-    let sim = ComfyUiSim::start(config)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding 127.0.0.1:{port}: {e}"))?;
-    println!("ComfyUI simulator listening on {}", sim.base_url());
-    stop.recv().await;
-    sim.shutdown().await;
     Ok(0)
 }
 

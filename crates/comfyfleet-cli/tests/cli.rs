@@ -299,3 +299,90 @@ fn the_comfyui_simulator_runs_standalone_and_answers() {
         .failure()
         .stderr(predicate::str::contains("unknown fault"));
 }
+
+#[test]
+fn the_runninghub_simulator_runs_standalone_and_answers() {
+    // A free port, picked by binding and releasing it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("comfyfleet"))
+        .args(["sim", "runninghub", "--port", &port.to_string()])
+        .args(["--time-scale", "0.01", "--key", "k-test", "--limit", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut line, mut key_line) = (String::new(), String::new());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    std::io::BufRead::read_line(&mut out, &mut key_line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert_eq!(url, format!("http://127.0.0.1:{port}"), "{line}");
+    assert_eq!(key_line.trim(), "API key: k-test");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (created, status, unknown_key) = rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::new();
+        let call = |path: &str, body: serde_json::Value| {
+            let req = http.post(format!("{url}{path}")).json(&body);
+            async move {
+                req.send()
+                    .await
+                    .unwrap()
+                    .json::<serde_json::Value>()
+                    .await
+                    .unwrap()
+            }
+        };
+        let created = call(
+            "/task/openapi/create",
+            serde_json::json!({
+                "apiKey": "k-test",
+                "workflowId": "1987654321",
+                "nodeInfoList": [{"nodeId": "6", "fieldName": "text", "fieldValue": "a cat"}],
+            }),
+        )
+        .await;
+        let task_id = created["data"]["taskId"].as_str().unwrap().to_owned();
+        let status = call(
+            "/task/openapi/status",
+            serde_json::json!({"apiKey": "k-test", "taskId": task_id}),
+        )
+        .await;
+        let unknown_key = call(
+            "/task/openapi/status",
+            serde_json::json!({"apiKey": "sim-api-key", "taskId": task_id}),
+        )
+        .await;
+        (created, status, unknown_key)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(created["code"], 0, "{created}");
+    assert!(
+        ["QUEUED", "RUNNING"].contains(&created["data"]["taskStatus"].as_str().unwrap()),
+        "{created}"
+    );
+    assert_eq!(status["code"], 0, "{status}");
+    assert!(
+        ["QUEUED", "RUNNING", "SUCCESS"].contains(&status["data"].as_str().unwrap()),
+        "{status}"
+    );
+    // Only the key given with --key is known.
+    assert_eq!(unknown_key["code"], 401, "{unknown_key}");
+    comfyfleet()
+        .args(["sim", "runninghub", "--fault", "gremlins"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("unknown fault"));
+    comfyfleet()
+        .args(["sim", "runninghub", "--limit", "0"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("--limit must be at least 1"));
+}

@@ -7,6 +7,10 @@
 //! * [`engine`] — the scheduler and the default `SmartFailover` strategy;
 //! * [`testkit`] (feature `simulated`, on by default) — simulated backends and conformance suites.
 //!
+//! Backends by feature: `comfyui` (self-hosted ComfyUI servers, [`ComfyUiServer`]),
+//! `runninghub` (RunningHub cloud accounts, [`RunningHubAccount`]), `simulated`
+//! ([`SimulatedBackend`]); all on by default.
+//!
 //! ```
 //! use comfyfleet::{Fleet, FleetConfig, BackendConfig, SimulatedBackend};
 //! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
@@ -122,6 +126,136 @@ pub struct ComfyUiServer {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+/// The public RunningHub host, the default [`RunningHubAccount::base_url`].
+pub const RUNNINGHUB_BASE_URL: &str = "https://www.runninghub.cn";
+
+/// One RunningHub account (API key) as a backend (feature `runninghub`; see
+/// `docs/backends/runninghub.md`).
+///
+/// The key comes from the environment variable named by `api_key_env` (read when the fleet
+/// starts; preferred) or from `api_key` in the configuration. It is a [`SecretString`]: it
+/// appears in no `Debug` output, error or log line.
+///
+/// [`SecretString`]: secrecy::SecretString
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningHubAccount {
+    /// Its id in the fleet.
+    pub id: String,
+    /// The API host (default `https://www.runninghub.cn`; `https://www.runninghub.ai`, or a
+    /// simulator).
+    #[serde(default = "runninghub_base_url")]
+    pub base_url: String,
+    /// The API key itself. Prefer [`RunningHubAccount::api_key_env`].
+    #[serde(default)]
+    pub api_key: Option<secrecy::SecretString>,
+    /// The name of an environment variable holding the API key, e.g. `RUNNINGHUB_API_KEY`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// `instanceType` sent with each task (e.g. `"plus"`); default: RunningHub's.
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// `usePersonalQueue` sent with each task.
+    #[serde(default)]
+    pub use_personal_queue: bool,
+    /// Most tasks of ours at once (the key's concurrency limit). Default 1.
+    #[serde(default = "one")]
+    pub max_concurrent: u32,
+    /// The hosted workflow id used for full API-format workflows (jobs without a
+    /// `RunningHubWorkflow` / `RunningHubAiApp` marker node). Without it only jobs that name a
+    /// hosted workflow or AI app run here.
+    #[serde(default)]
+    pub default_workflow_id: Option<String>,
+    /// First interval between status checks, in seconds (the first check runs right after
+    /// create). Default 1.
+    #[serde(default)]
+    pub poll_min_secs: Option<f64>,
+    /// Longest interval between status checks, in seconds. Default 5.
+    #[serde(default)]
+    pub poll_max_secs: Option<f64>,
+    /// Warn when a task stays in one state this long, in seconds. Default 120.
+    #[serde(default)]
+    pub stuck_after_secs: Option<f64>,
+    /// Connect to the task socket (`netWssUrl`) as an accelerator; polling runs regardless.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub use_websocket: bool,
+    /// Labels for routing constraints.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+fn runninghub_base_url() -> String {
+    RUNNINGHUB_BASE_URL.to_owned()
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl RunningHubAccount {
+    /// An account at the public host whose key is in the environment variable `api_key_env`.
+    pub fn from_env(id: &str, api_key_env: &str) -> Self {
+        RunningHubAccount {
+            id: id.to_owned(),
+            base_url: runninghub_base_url(),
+            api_key: None,
+            api_key_env: Some(api_key_env.to_owned()),
+            instance_type: None,
+            use_personal_queue: false,
+            max_concurrent: 1,
+            default_workflow_id: None,
+            poll_min_secs: None,
+            poll_max_secs: None,
+            stuck_after_secs: None,
+            use_websocket: true,
+            labels: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The API key: from `api_key_env` (looked up with `lookup`) or `api_key`. Errors name the
+    /// variable, never the key.
+    #[cfg_attr(not(feature = "runninghub"), allow(dead_code))]
+    fn resolve_key(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<secrecy::SecretString, String> {
+        use secrecy::ExposeSecret;
+        match (&self.api_key, &self.api_key_env) {
+            (Some(_), Some(var)) => Err(format!(
+                "give api_key or api_key_env, not both (api_key_env = {var:?})"
+            )),
+            (None, None) => Err(
+                "needs api_key_env (the name of an environment variable holding the API key, e.g. \"RUNNINGHUB_API_KEY\") or api_key".into(),
+            ),
+            (Some(key), None) => {
+                let k = key.expose_secret().trim();
+                if k.is_empty() {
+                    Err("api_key is empty".into())
+                } else {
+                    Ok(secrecy::SecretString::from(k.to_owned()))
+                }
+            }
+            (None, Some(var)) => {
+                if var.trim().is_empty() {
+                    return Err("api_key_env must name an environment variable".into());
+                }
+                match lookup(var) {
+                    Some(v) if !v.trim().is_empty() => {
+                        Ok(secrecy::SecretString::from(v.trim().to_owned()))
+                    }
+                    Some(_) => Err(format!(
+                        "the environment variable {var} (api_key_env) is empty; set it to the RunningHub API key"
+                    )),
+                    None => Err(format!(
+                        "the environment variable {var} (api_key_env) is not set; set it to the RunningHub API key"
+                    )),
+                }
+            }
+        }
+    }
+}
+
 /// One backend of the fleet.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -132,6 +266,9 @@ pub enum BackendConfig {
     /// A ComfyUI server (feature `comfyui`).
     #[serde(rename = "comfyui")]
     ComfyUi(ComfyUiServer),
+    /// A RunningHub account (feature `runninghub`).
+    #[serde(rename = "runninghub")]
+    RunningHub(RunningHubAccount),
 }
 
 /// Engine settings as they appear in configuration (seconds).
@@ -424,7 +561,98 @@ fn build_backend(config: &BackendConfig) -> Result<(String, Arc<dyn Backend>), F
             id: c.id.clone(),
             reason: "ComfyUI backends need the `comfyui` feature".into(),
         }),
+        #[cfg(feature = "runninghub")]
+        BackendConfig::RunningHub(r) => {
+            let backend =
+                comfyfleet_runninghub::RunningHubBackend::new(runninghub_config(r, |var| {
+                    std::env::var(var).ok()
+                })?)
+                .map_err(|e| FleetError::Backend {
+                    id: r.id.clone(),
+                    reason: e.to_string(),
+                })?;
+            Ok((r.id.clone(), Arc::new(backend) as Arc<dyn Backend>))
+        }
+        #[cfg(not(feature = "runninghub"))]
+        BackendConfig::RunningHub(r) => Err(FleetError::Backend {
+            id: r.id.clone(),
+            reason: "RunningHub backends need the `runninghub` feature".into(),
+        }),
     }
+}
+
+/// The backend's settings from a configuration entry, the key read with `lookup`.
+#[cfg(feature = "runninghub")]
+fn runninghub_config(
+    r: &RunningHubAccount,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<comfyfleet_runninghub::RunningHubConfig, FleetError> {
+    let bad = |reason: String| FleetError::Backend {
+        id: r.id.clone(),
+        reason,
+    };
+    if r.id.trim().is_empty() {
+        return Err(bad("id must not be empty".into()));
+    }
+    if r.max_concurrent == 0 {
+        return Err(bad("max_concurrent must be at least 1".into()));
+    }
+    let url =
+        url::Url::parse(&r.base_url).map_err(|e| bad(format!("base_url {:?}: {e}", r.base_url)))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad(format!(
+            "base_url {:?}: must be an http or https URL",
+            r.base_url
+        )));
+    }
+    let key = r.resolve_key(lookup).map_err(bad)?;
+    let international = url.host_str().is_some_and(|h| h.ends_with("runninghub.ai"));
+    let positive = |field: &str, v: Option<f64>| -> Result<Option<Duration>, FleetError> {
+        match v {
+            None => Ok(None),
+            Some(s) => match Duration::try_from_secs_f64(s) {
+                Ok(d) if !d.is_zero() => Ok(Some(d)),
+                _ => Err(bad(format!(
+                    "{field} must be a positive number of seconds, got {s}"
+                ))),
+            },
+        }
+    };
+    let mut config = comfyfleet_runninghub::RunningHubConfig::new(&r.id, url, key);
+    config.client.instance_type = r
+        .instance_type
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
+    config.client.use_personal_queue = r.use_personal_queue;
+    config.max_concurrent = r.max_concurrent;
+    config.default_workflow_id = match r.default_workflow_id.as_deref().map(str::trim) {
+        Some("") => return Err(bad("default_workflow_id must not be empty".into())),
+        other => other.map(str::to_owned),
+    };
+    if let Some(d) = positive("poll_min_secs", r.poll_min_secs)? {
+        config.poll_min = d;
+    }
+    if let Some(d) = positive("poll_max_secs", r.poll_max_secs)? {
+        config.poll_max = d;
+    }
+    if config.poll_min > config.poll_max {
+        return Err(bad(format!(
+            "poll_min_secs ({}) must not exceed poll_max_secs ({})",
+            config.poll_min.as_secs_f64(),
+            config.poll_max.as_secs_f64()
+        )));
+    }
+    if let Some(d) = positive("stuck_after_secs", r.stuck_after_secs)? {
+        config.stuck_after = d;
+    }
+    config.use_websocket = r.use_websocket;
+    if international {
+        config.task_page_base = "https://www.runninghub.ai/task/detail/".into();
+    }
+    config.labels = r.labels.clone();
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -558,5 +786,204 @@ mod tests {
         assert_eq!(c.backends.len(), 1);
         assert_eq!(c.engine.start_timeout_secs, 3.0);
         assert!(serde_json::from_str::<FleetConfig>(r#"{"backendz": []}"#).is_err());
+    }
+
+    #[cfg(feature = "runninghub")]
+    fn toml(text: &str) -> Result<FleetConfig, String> {
+        use figment::providers::Format;
+        figment::Figment::from(figment::providers::Toml::string(text))
+            .extract()
+            .map_err(|e| e.to_string())
+    }
+
+    #[cfg(feature = "runninghub")]
+    #[test]
+    fn runninghub_entries_parse_from_toml() {
+        let c = toml(
+            r#"
+            store = "memory:"
+
+            [[backends]]
+            kind = "runninghub"
+            id = "rh-1"
+            api_key_env = "RUNNINGHUB_API_KEY"
+            instance_type = "plus"
+            use_personal_queue = true
+            max_concurrent = 3
+            default_workflow_id = "1987654321"
+            poll_min_secs = 0.5
+            poll_max_secs = 4
+            labels = { cloud = "runninghub" }
+
+            [[backends]]
+            kind = "runninghub"
+            id = "rh-2"
+            base_url = "https://www.runninghub.ai"
+            api_key = "sk-inline"
+            "#,
+        )
+        .unwrap();
+        let [BackendConfig::RunningHub(a), BackendConfig::RunningHub(b)] = &c.backends[..] else {
+            panic!("{:?}", c.backends);
+        };
+        assert_eq!(a.id, "rh-1");
+        assert_eq!(a.base_url, RUNNINGHUB_BASE_URL);
+        assert_eq!(RUNNINGHUB_BASE_URL, comfyfleet_runninghub::DEFAULT_BASE_URL);
+        assert_eq!(a.api_key_env.as_deref(), Some("RUNNINGHUB_API_KEY"));
+        assert!(a.api_key.is_none());
+        assert_eq!(a.instance_type.as_deref(), Some("plus"));
+        assert!(a.use_personal_queue);
+        assert_eq!(a.max_concurrent, 3);
+        assert_eq!(a.default_workflow_id.as_deref(), Some("1987654321"));
+        assert_eq!(a.labels["cloud"], "runninghub");
+        assert!(a.use_websocket);
+        let cfg =
+            runninghub_config(a, |v| (v == "RUNNINGHUB_API_KEY").then(|| "k".into())).unwrap();
+        assert_eq!(cfg.max_concurrent, 3);
+        assert_eq!(cfg.poll_min, Duration::from_millis(500));
+        assert_eq!(cfg.poll_max, Duration::from_secs(4));
+        assert_eq!(cfg.client.instance_type.as_deref(), Some("plus"));
+        assert!(cfg.client.use_personal_queue);
+        assert_eq!(cfg.default_workflow_id.as_deref(), Some("1987654321"));
+        assert_eq!(
+            cfg.task_page("1"),
+            "https://www.runninghub.cn/task/detail/1"
+        );
+        assert_eq!(b.base_url, "https://www.runninghub.ai");
+        assert_eq!(b.max_concurrent, 1);
+        let cfg = runninghub_config(b, |_| None).unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&cfg.client.api_key),
+            "sk-inline"
+        );
+        assert!(cfg.task_page("1").starts_with("https://www.runninghub.ai/"));
+        // Typos are errors, not defaults.
+        let e = toml("[[backends]]\nkind = \"runninghub\"\nid = \"x\"\napi_key_var = \"K\"\n")
+            .unwrap_err();
+        assert!(e.contains("api_key_var"), "{e}");
+    }
+
+    #[cfg(feature = "runninghub")]
+    #[tokio::test]
+    async fn a_missing_runninghub_key_is_a_clear_error() {
+        let account = RunningHubAccount::from_env("rh-1", "RUNNINGHUB_API_KEY");
+        let e = runninghub_config(&account, |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rh-1") && e.contains("RUNNINGHUB_API_KEY") && e.contains("not set"),
+            "{e}"
+        );
+        let e = runninghub_config(&account, |_| Some("  \n".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("RUNNINGHUB_API_KEY") && e.contains("empty"),
+            "{e}"
+        );
+        let cfg = runninghub_config(&account, |_| Some(" sk-1\n".into())).unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&cfg.client.api_key),
+            "sk-1"
+        );
+        // Through `Fleet::start`, with the real environment (a variable nobody sets).
+        let var = format!("COMFYFLEET_TEST_UNSET_{}", JobId::new()).replace('-', "_");
+        let e = Fleet::start(FleetConfig {
+            backends: vec![BackendConfig::RunningHub(RunningHubAccount::from_env(
+                "rh-1", &var,
+            ))],
+            ..mem()
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&var) && e.contains("not set"), "{e}");
+        let mut neither = account.clone();
+        neither.api_key_env = None;
+        let e = runninghub_config(&neither, |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api_key_env"), "{e}");
+        let mut both = account.clone();
+        both.api_key = Some("sk-both".into());
+        let e = runninghub_config(&both, |_| Some("x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not both") && !e.contains("sk-both"), "{e}");
+        let mut bad = account.clone();
+        bad.base_url = "ftp://example.com".into();
+        let e = runninghub_config(&bad, |_| Some("x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http or https"), "{e}");
+        let mut bad = account.clone();
+        bad.max_concurrent = 0;
+        let e = runninghub_config(&bad, |_| Some("x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_concurrent"), "{e}");
+        let mut bad = account;
+        bad.poll_min_secs = Some(10.0);
+        let e = runninghub_config(&bad, |_| Some("x".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("poll_min_secs"), "{e}");
+    }
+
+    #[cfg(feature = "runninghub")]
+    #[test]
+    fn the_runninghub_key_never_shows_in_debug() {
+        let secret = "sk-very-secret-4242";
+        let c = toml(&format!(
+            "[[backends]]\nkind = \"runninghub\"\nid = \"rh-1\"\napi_key = \"{secret}\"\n"
+        ))
+        .unwrap();
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains(secret), "{shown}");
+        let BackendConfig::RunningHub(a) = &c.backends[0] else {
+            panic!()
+        };
+        let cfg = runninghub_config(a, |_| None).unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        let backend = comfyfleet_runninghub::RunningHubBackend::new(cfg).unwrap();
+        let shown = format!("{backend:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        // A key from the environment is no different.
+        let env = RunningHubAccount::from_env("rh-2", "K");
+        let cfg = runninghub_config(&env, |_| Some(secret.into())).unwrap();
+        assert!(!format!("{cfg:?} {env:?}").contains(secret));
+    }
+
+    /// A fleet with a RunningHub account runs a hosted-workflow job on the simulator.
+    #[cfg(all(feature = "runninghub", feature = "simulated"))]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runninghub_account_runs_a_hosted_workflow_on_the_simulator() {
+        use comfyfleet_testkit::runninghub_sim::{
+            DEFAULT_API_KEY, RunningHubSim, RunningHubSimConfig,
+        };
+        let sim = RunningHubSim::start(RunningHubSimConfig::scaled(0.01))
+            .await
+            .unwrap();
+        let c = toml(&format!(
+            "store = \"memory:\"\n[[backends]]\nkind = \"runninghub\"\nid = \"rh-1\"\nbase_url = \"{}\"\napi_key = \"{DEFAULT_API_KEY}\"\npoll_min_secs = 0.05\npoll_max_secs = 0.2\n",
+            sim.base_url()
+        ))
+        .unwrap();
+        let fleet = Fleet::start(c).await.unwrap();
+        let wf = Workflow::from_json(
+            r#"{"rh": {"class_type": "RunningHubWorkflow", "inputs": {"workflow_id": "1987654321"}},
+                "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat"}}}"#,
+        )
+        .unwrap();
+        let id = fleet.engine().submit(JobSpec::new(wf)).await.unwrap();
+        let job = tokio::time::timeout(Duration::from_secs(60), fleet.engine().wait_for(id))
+            .await
+            .expect("the job ends")
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        assert_eq!(sim.tasks()[0].workflow_id, "1987654321");
+        fleet.shutdown().await;
+        sim.shutdown().await;
     }
 }
