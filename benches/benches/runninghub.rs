@@ -97,14 +97,21 @@ fn main() {
         .unwrap();
     // Virtual time: sleeps complete at once, in order.
     rt.block_on(async { tokio::time::pause() });
-    let lengths: &[u64] = if quick { &[10] } else { &[5, 30, 82, 300, 1800] };
+    let lengths: &[u64] = if quick {
+        &[10]
+    } else {
+        &[5, 30, 82, 300, 1800]
+    };
     for proxy in [Duration::ZERO, Duration::from_secs(2)] {
         println!(
             "\nRunningHub monitoring (virtual time; queued {}s; proxy delay {}s per response)",
             QUEUED.as_secs(),
             proxy.as_secs()
         );
-        println!("{:>8}  {:>7}  {:>13}  {:>17}", "run (s)", "socket", "status checks", "detected after (ms)");
+        println!(
+            "{:>8}  {:>7}  {:>13}  {:>17}",
+            "run (s)", "socket", "status checks", "detected after (ms)"
+        );
         for &secs in lengths {
             for silent in [false, true] {
                 let r = rt.block_on(one(Duration::from_secs(secs), silent, proxy));
