@@ -38,6 +38,9 @@ pub struct FileConfig {
     /// The HTTP service (`serve` only; `worker` ignores it).
     #[serde(default)]
     pub server: ServerConfig,
+    /// Cloud spill-over (`[spill_over]`).
+    #[serde(default)]
+    pub spill_over: Option<comfyfleet::SpillOverSettings>,
 }
 
 fn default_store() -> String {
@@ -208,6 +211,7 @@ impl FileConfig {
             store: self.store.clone(),
             backends: self.backends.clone(),
             engine: self.engine.clone(),
+            spill_over: self.spill_over.clone(),
         }
     }
 

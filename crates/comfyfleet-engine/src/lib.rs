@@ -27,4 +27,4 @@ mod smart;
 
 pub use config::EngineConfig;
 pub use engine::{BackendStatus, Engine, EngineBuilder, EngineError};
-pub use smart::{SmartFailover, SmartFailoverConfig};
+pub use smart::{CLOUD_TIER, SmartFailover, SmartFailoverConfig, SpillOver};

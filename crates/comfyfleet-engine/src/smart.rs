@@ -11,8 +11,48 @@
 //!   structure hash for a cooldown (default 60 s), with fleet events when it blocks and unblocks.
 //! * **Circuit breaker** per backend on consecutive transient failures or failed health checks.
 //! * Deterministic failures are never retried.
+//!
+//! ## Spill-over to a paid cloud backend
+//!
+//! With [`SmartFailoverConfig::spill_over`] set, a fleet of owned servers plus a paid cloud
+//! account (RunningHub) prefers the owned GPUs and uses the cloud only when waiting locally
+//! would take too long. Without it, every backend is treated alike (the behaviour above).
+//!
+//! * A backend is **cloud** when its inventory label `tier` is `cloud` (see [`CLOUD_TIER`]);
+//!   every other backend is **owned**.
+//! * The **expected local wait** is estimated for the best owned backend that could run the
+//!   job (inventory, constraints, blocks, circuits and health respected): zero if it has a
+//!   free slot by our count (the reported `queue_depth` is only as fresh as the last health
+//!   check and still counts our executions that finished since, so it is not trusted for a
+//!   backend we see with a free slot); for one at capacity,
+//!   `ceil(ahead / max_concurrent) × learned duration`, where
+//!   `ahead = max(in_flight, queue_depth) − max_concurrent + 1` (executions that must finish
+//!   before this one starts, the backend's own queue of others' work included, as last seen by
+//!   a health check) and the learned duration is an
+//!   exponentially weighted mean of this workflow structure's run times on owned backends
+//!   (from `on_success`; before any is known, [`SpillOver::default_duration`]). A blocked
+//!   backend or an open circuit waits until it lifts; a draining, quarantined or unhealthy one
+//!   has no bounded wait. The estimate is deliberately simple: it assumes the running
+//!   executions just started, and does not count jobs still waiting in the store.
+//! * An owned backend with a free slot always wins; the cloud is recorded as skipped
+//!   (`spill-over only: an owned backend has a free slot`).
+//! * Expected wait ≤ [`SpillOver::threshold`]: the job waits for the owned GPUs, never the
+//!   cloud. Above it (or unbounded), the job runs on the cloud if the cloud's executions in
+//!   flight (summed over all cloud backends) are below [`SpillOver::max_cloud_in_flight`] and
+//!   the account's budget is at least [`SpillOver::min_budget`]; otherwise it waits for the
+//!   owned GPUs (or for cloud capacity).
+//! * **Budget** is read from the cloud backend's inventory facts `remain_coins` /
+//!   `remain_money` (also `remainCoins` / `remainMoney`), parsed as numbers; the largest known
+//!   one counts. With `min_budget` set and no such fact, the cloud is not used (the budget is
+//!   unknown).
+//! * A job no owned backend can ever run (a node class or model only the cloud has,
+//!   constraints) goes to the cloud whatever its expected wait, still within the concurrency
+//!   cap and the budget.
+//! * Every decision is recorded as skip reasons, so the job's `dispatched` event (or its
+//!   release reason while it waits) says why the cloud was or was not used. The job keeps
+//!   its id wherever it runs: placement only picks the backend of the next attempt.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -44,6 +84,37 @@ pub struct SmartFailoverConfig {
     pub jitter: bool,
     /// Seed for the load balancer's sampling (tests use a fixed one).
     pub seed: Option<u64>,
+    /// Prefer owned backends and spill over to `tier = "cloud"` backends only when the local
+    /// wait is too long (see the module documentation). `None`: all backends alike.
+    pub spill_over: Option<SpillOver>,
+}
+
+/// The inventory label value (`tier = "cloud"`) that marks a paid, spill-over-only backend.
+pub const CLOUD_TIER: &str = "cloud";
+
+/// Settings of spill-over to cloud backends (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpillOver {
+    /// Expected local wait above which a job goes to the cloud.
+    pub threshold: Duration,
+    /// Most executions on cloud backends at once (summed over all of them).
+    pub max_cloud_in_flight: u32,
+    /// Least remaining budget (coins or money from the account's status, as inventory facts)
+    /// for the cloud to be used; `None`: no budget check.
+    pub min_budget: Option<f64>,
+    /// Run time assumed for a workflow structure before one has been learned.
+    pub default_duration: Duration,
+}
+
+impl Default for SpillOver {
+    fn default() -> Self {
+        SpillOver {
+            threshold: Duration::from_secs(120),
+            max_cloud_in_flight: 1,
+            min_budget: None,
+            default_duration: Duration::from_secs(60),
+        }
+    }
 }
 
 impl Default for SmartFailoverConfig {
@@ -57,6 +128,7 @@ impl Default for SmartFailoverConfig {
             backoff_factor: 2.0,
             jitter: true,
             seed: None,
+            spill_over: None,
         }
     }
 }
@@ -81,6 +153,10 @@ struct State {
     missing: HashMap<BackendId, BTreeSet<String>>,
     notices: Vec<FleetEvent>,
     rng: fastrand::Rng,
+    /// Learned run time per workflow structure on owned backends (spill-over estimates).
+    durations: HashMap<WorkflowHash, Duration>,
+    /// Backends seen labelled `tier = cloud` (their run times are not learned).
+    cloud: HashSet<BackendId>,
 }
 
 /// The default failover strategy. See the module documentation.
@@ -99,8 +175,10 @@ impl Default for SmartFailover {
 /// Why a candidate was passed over, and whether that can change soon.
 enum Verdict {
     Eligible,
-    /// Can change soon (busy, blocked, circuit open, unhealthy): the job waits.
+    /// Can change soon (blocked, circuit open, unhealthy): the job waits.
     Temporary(String, Option<Timestamp>),
+    /// Healthy and able to run it, but every slot is taken: the job waits.
+    Full(String),
     /// Cannot change without an operator (constraints, inventory).
     Permanent(String, Option<String>),
 }
@@ -121,6 +199,8 @@ impl SmartFailover {
                 missing: HashMap::new(),
                 notices: Vec::new(),
                 rng,
+                durations: HashMap::new(),
+                cloud: HashSet::new(),
             }),
         }
     }
@@ -295,13 +375,10 @@ impl SmartFailover {
             );
         }
         if c.free_slots() == 0 {
-            return Verdict::Temporary(
-                format!(
-                    "at capacity ({}/{})",
-                    c.in_flight, c.capabilities.max_concurrent
-                ),
-                None,
-            );
+            return Verdict::Full(format!(
+                "at capacity ({}/{})",
+                c.in_flight, c.capabilities.max_concurrent
+            ));
         }
         Verdict::Eligible
     }
@@ -318,19 +395,32 @@ impl FailoverStrategy for SmartFailover {
     ) -> Placement {
         let mut s = self.lock();
         self.expire(&mut s, now);
+        let mut verdicts = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            let v = self.verdict(&mut s, job, workflow, c);
+            verdicts.push((c, v));
+        }
+        if let Some(spill) = &self.config.spill_over {
+            return self.pick_spilling(&mut s, spill, job, workflow, verdicts, now);
+        }
         let mut skipped = Vec::new();
         let mut eligible: Vec<&Candidate> = Vec::new();
         let mut any_temporary = false;
         let mut earliest: Option<Timestamp> = None;
         let mut missing_class: Option<String> = None;
-        for c in candidates {
-            match self.verdict(&mut s, job, workflow, c) {
+        for (c, v) in verdicts {
+            match v {
                 Verdict::Eligible => eligible.push(c),
                 Verdict::Temporary(reason, until) => {
                     any_temporary = true;
-                    if let Some(u) = until {
-                        earliest = Some(earliest.map_or(u, |e: Timestamp| e.min(u)));
-                    }
+                    earliest = min_time(earliest, until);
+                    skipped.push(Skip {
+                        backend: c.id.clone(),
+                        reason,
+                    });
+                }
+                Verdict::Full(reason) => {
+                    any_temporary = true;
                     skipped.push(Skip {
                         backend: c.id.clone(),
                         reason,
@@ -347,19 +437,9 @@ impl FailoverStrategy for SmartFailover {
                 }
             }
         }
-        let summary = |skipped: &[Skip]| {
-            skipped
-                .iter()
-                .map(|k| format!("{}: {}", k.backend, k.reason))
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
         if eligible.is_empty() {
             if candidates.is_empty() {
-                return Placement::Impossible {
-                    error: ExecutionError::deterministic("the fleet has no backends"),
-                    skipped,
-                };
+                return no_backends(skipped);
             }
             if any_temporary {
                 return Placement::Wait {
@@ -368,51 +448,9 @@ impl FailoverStrategy for SmartFailover {
                     skipped,
                 };
             }
-            let message = match &missing_class {
-                Some(class) => format!(
-                    "no backend in the fleet has node class {class} ({})",
-                    summary(&skipped)
-                ),
-                None => format!(
-                    "no backend in the fleet can run this job ({})",
-                    summary(&skipped)
-                ),
-            };
-            let mut error = ExecutionError::new(ErrorKind::BackendSpecific, message);
-            if let Some(class) = missing_class {
-                error = error.with_detail(ErrorDetail::MissingNode { class_type: class });
-            }
-            return Placement::Impossible { error, skipped };
+            return impossible(skipped, missing_class);
         }
-        // After a failure, go elsewhere if anywhere else can take it.
-        if let Some(last) = job.attempts.last().filter(|a| a.error.is_some())
-            && eligible.len() > 1
-        {
-            eligible.retain(|c| c.id != last.backend);
-        }
-        let structure = workflow.structure_hash();
-        let chosen = if let Some(warm) = s
-            .warm
-            .get(structure)
-            .and_then(|w| eligible.iter().find(|c| &c.id == w))
-        {
-            *warm
-        } else if eligible.len() == 1 {
-            eligible[0]
-        } else {
-            let n = eligible.len();
-            let i = s.rng.usize(..n);
-            let mut j = s.rng.usize(..n - 1);
-            if j >= i {
-                j += 1;
-            }
-            let (a, b) = (eligible[i], eligible[j]);
-            if (b.load(), b.in_flight) < (a.load(), a.in_flight) {
-                b
-            } else {
-                a
-            }
-        };
+        let chosen = choose(&mut s, job, workflow.structure_hash(), eligible);
         Placement::Run {
             backend: chosen.id.clone(),
             skipped,
@@ -465,11 +503,20 @@ impl FailoverStrategy for SmartFailover {
         _job: &JobRecord,
         workflow: &Workflow,
         backend: &BackendId,
-        _run_time: Duration,
+        run_time: Duration,
         _now: Timestamp,
     ) {
         let mut s = self.lock();
         self.circuit_success(&mut s, backend);
+        if !s.cloud.contains(backend) {
+            // Exponentially weighted: recent runs matter most, one outlier does not dominate.
+            let structure = workflow.structure_hash();
+            let learned = match s.durations.get(structure) {
+                Some(prev) => prev.mul_f64(0.7) + run_time.mul_f64(0.3),
+                None => run_time,
+            };
+            s.durations.insert(structure.clone(), learned);
+        }
         s.warm
             .insert(workflow.structure_hash().clone(), backend.clone());
     }
@@ -528,6 +575,300 @@ impl FailoverStrategy for SmartFailover {
     }
 }
 
+/// Whether a candidate is a paid, spill-over-only backend (`tier = "cloud"`).
+fn is_cloud(c: &Candidate) -> bool {
+    c.inventory
+        .labels
+        .get("tier")
+        .is_some_and(|t| t == CLOUD_TIER)
+}
+
+/// The remaining budget a cloud candidate reports in its inventory facts (largest known one).
+fn budget(c: &Candidate) -> Option<f64> {
+    ["remain_coins", "remain_money", "remainCoins", "remainMoney"]
+        .iter()
+        .filter_map(|k| c.inventory.facts.get(*k)?.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite())
+        .reduce(f64::max)
+}
+
+/// How long a job would wait for a slot on `c` (at capacity), each execution taking `per_job`.
+/// How long a job would wait for a worker on `c`, each execution taking `per_job`: zero while
+/// executions (ours, or the backend's own queue) leave a worker free.
+fn expected_wait(c: &Candidate, per_job: Duration) -> Duration {
+    let cap = c.capabilities.max_concurrent.max(1);
+    let total = c.in_flight.max(c.health.queue_depth.unwrap_or(0));
+    if total < cap {
+        return Duration::ZERO;
+    }
+    let ahead = total - cap + 1;
+    per_job.saturating_mul(ahead.div_ceil(cap))
+}
+
+fn min_time(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn summary(skipped: &[Skip]) -> String {
+    skipped
+        .iter()
+        .map(|k| format!("{}: {}", k.backend, k.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn no_backends(skipped: Vec<Skip>) -> Placement {
+    Placement::Impossible {
+        error: ExecutionError::deterministic("the fleet has no backends"),
+        skipped,
+    }
+}
+
+/// No backend in the fleet can ever run it as things stand.
+fn impossible(skipped: Vec<Skip>, missing_class: Option<String>) -> Placement {
+    let message = match &missing_class {
+        Some(class) => format!(
+            "no backend in the fleet has node class {class} ({})",
+            summary(&skipped)
+        ),
+        None => format!(
+            "no backend in the fleet can run this job ({})",
+            summary(&skipped)
+        ),
+    };
+    let mut error = ExecutionError::new(ErrorKind::BackendSpecific, message);
+    if let Some(class) = missing_class {
+        error = error.with_detail(ErrorDetail::MissingNode { class_type: class });
+    }
+    Placement::Impossible { error, skipped }
+}
+
+/// Picks among eligible candidates (non-empty): away from the last failure, warm first, then
+/// the less loaded of two sampled.
+fn choose<'a>(
+    s: &mut State,
+    job: &JobRecord,
+    structure: &WorkflowHash,
+    mut eligible: Vec<&'a Candidate>,
+) -> &'a Candidate {
+    // After a failure, go elsewhere if anywhere else can take it.
+    if let Some(last) = job.attempts.last().filter(|a| a.error.is_some())
+        && eligible.len() > 1
+    {
+        eligible.retain(|c| c.id != last.backend);
+    }
+    if let Some(warm) = s
+        .warm
+        .get(structure)
+        .and_then(|w| eligible.iter().find(|c| &c.id == w))
+    {
+        warm
+    } else if eligible.len() == 1 {
+        eligible[0]
+    } else {
+        let n = eligible.len();
+        let i = s.rng.usize(..n);
+        let mut j = s.rng.usize(..n - 1);
+        if j >= i {
+            j += 1;
+        }
+        let (a, b) = (eligible[i], eligible[j]);
+        if (b.load(), b.in_flight) < (a.load(), a.in_flight) {
+            b
+        } else {
+            a
+        }
+    }
+}
+
+impl SmartFailover {
+    /// [`FailoverStrategy::pick`] with spill-over configured (see the module documentation).
+    fn pick_spilling(
+        &self,
+        s: &mut State,
+        spill: &SpillOver,
+        job: &JobRecord,
+        workflow: &Workflow,
+        verdicts: Vec<(&Candidate, Verdict)>,
+        now: Timestamp,
+    ) -> Placement {
+        let structure = workflow.structure_hash();
+        let per_job = s
+            .durations
+            .get(structure)
+            .copied()
+            .unwrap_or(spill.default_duration);
+        let no_candidates = verdicts.is_empty();
+        let mut skipped = Vec::new();
+        let mut owned_skips = Vec::new();
+        let mut owned_ok: Vec<&Candidate> = Vec::new();
+        let mut cloud_ok: Vec<&Candidate> = Vec::new();
+        // The shortest bounded wait on an owned backend that could run it later.
+        let mut local_wait: Option<Duration> = None;
+        let mut owned_later = false;
+        let mut cloud_later = false;
+        let mut earliest: Option<Timestamp> = None;
+        let mut missing_class: Option<String> = None;
+        let mut cloud_in_flight: u32 = 0;
+        for (c, v) in verdicts {
+            let cloud = is_cloud(c);
+            if cloud {
+                s.cloud.insert(c.id.clone());
+                cloud_in_flight = cloud_in_flight.saturating_add(c.in_flight);
+            }
+            let reason = match v {
+                Verdict::Eligible if cloud => {
+                    cloud_ok.push(c);
+                    continue;
+                }
+                Verdict::Eligible => {
+                    // A free slot by our count: no wait. (The backend's own queue_depth is
+                    // not trusted here: it is only as fresh as the last health check and
+                    // still counts our executions that finished since.)
+                    owned_ok.push(c);
+                    continue;
+                }
+                Verdict::Full(reason) if cloud => {
+                    cloud_later = true;
+                    reason
+                }
+                Verdict::Full(reason) => {
+                    owned_later = true;
+                    let w = expected_wait(c, per_job);
+                    local_wait = Some(local_wait.map_or(w, |l| l.min(w)));
+                    owned_skips.push(skipped.len());
+                    format!("{reason}, expected wait {w:?}")
+                }
+                Verdict::Temporary(reason, until) => {
+                    earliest = min_time(earliest, until);
+                    if cloud {
+                        cloud_later = true;
+                    } else {
+                        owned_later = true;
+                        if let Some(u) = until {
+                            let w = u.since(now);
+                            local_wait = Some(local_wait.map_or(w, |l| l.min(w)));
+                        }
+                        owned_skips.push(skipped.len());
+                    }
+                    reason
+                }
+                Verdict::Permanent(reason, class) => {
+                    if missing_class.is_none() {
+                        missing_class = class;
+                    }
+                    reason
+                }
+            };
+            skipped.push(Skip {
+                backend: c.id.clone(),
+                reason,
+            });
+        }
+
+        if !owned_ok.is_empty() {
+            for c in &cloud_ok {
+                skipped.push(Skip {
+                    backend: c.id.clone(),
+                    reason: "spill-over only: an owned backend has a free slot".into(),
+                });
+            }
+            let chosen = choose(s, job, structure, owned_ok);
+            return Placement::Run {
+                backend: chosen.id.clone(),
+                skipped,
+            };
+        }
+
+        let threshold = spill.threshold;
+        if owned_later && let Some(w) = local_wait.filter(|w| *w <= threshold) {
+            let why = format!(
+                "spill-over not needed: expected local wait {w:?} is within the threshold {threshold:?}"
+            );
+            for c in &cloud_ok {
+                skipped.push(Skip {
+                    backend: c.id.clone(),
+                    reason: why.clone(),
+                });
+            }
+            return Placement::Wait {
+                reason: format!(
+                    "waiting for an owned backend: expected local wait {w:?} is within the \
+                     spill-over threshold {threshold:?} ({})",
+                    summary(&skipped)
+                ),
+                until: earliest,
+                skipped,
+            };
+        }
+
+        let why = match (owned_later, local_wait) {
+            (true, Some(w)) => {
+                format!("expected local wait {w:?} exceeds the spill-over threshold {threshold:?}")
+            }
+            (true, None) => "no owned backend can take it soon".to_owned(),
+            (false, _) => "no owned backend can run it".to_owned(),
+        };
+        let gated = !cloud_ok.is_empty();
+        let mut usable: Vec<&Candidate> = Vec::new();
+        for c in cloud_ok {
+            let refusal = if cloud_in_flight >= spill.max_cloud_in_flight {
+                Some(format!(
+                    "spill-over wanted ({why}) but the cloud concurrency limit is reached \
+                     ({cloud_in_flight}/{})",
+                    spill.max_cloud_in_flight
+                ))
+            } else if let Some(min) = spill.min_budget {
+                match budget(c) {
+                    None => Some(format!(
+                        "spill-over wanted ({why}) but the budget is unknown (no remain_coins or \
+                         remain_money fact; minimum budget {min})"
+                    )),
+                    Some(b) if b < min => Some(format!(
+                        "spill-over wanted ({why}) but the budget {b} is below the minimum {min}"
+                    )),
+                    Some(_) => None,
+                }
+            } else {
+                None
+            };
+            match refusal {
+                Some(reason) => skipped.push(Skip {
+                    backend: c.id.clone(),
+                    reason,
+                }),
+                None => usable.push(c),
+            }
+        }
+        if !usable.is_empty() {
+            for i in owned_skips {
+                if let Some(k) = skipped.get_mut(i) {
+                    k.reason = format!("{}; spilled over to the cloud: {why}", k.reason);
+                }
+            }
+            let chosen = choose(s, job, structure, usable);
+            return Placement::Run {
+                backend: chosen.id.clone(),
+                skipped,
+            };
+        }
+        if no_candidates {
+            return no_backends(skipped);
+        }
+        if owned_later || cloud_later || gated {
+            return Placement::Wait {
+                reason: format!("no backend can take it now ({})", summary(&skipped)),
+                until: earliest,
+                skipped,
+            };
+        }
+        impossible(skipped, missing_class)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,6 +916,139 @@ mod tests {
             Placement::Run { backend, .. } => backend.as_str(),
             other => panic!("expected a pick, got {other:?}"),
         }
+    }
+
+    fn cloud_cand(id: &str, in_flight: u32, cap: u32, facts: &[(&str, &str)]) -> Candidate {
+        let mut c = cand(id, in_flight, cap);
+        let inv = std::sync::Arc::make_mut(&mut c.inventory);
+        inv.labels.insert("tier".into(), CLOUD_TIER.into());
+        for (k, v) in facts {
+            inv.facts.insert((*k).into(), (*v).into());
+        }
+        c
+    }
+
+    fn spilling(spill: SpillOver) -> SmartFailover {
+        SmartFailover::new(SmartFailoverConfig {
+            jitter: false,
+            seed: Some(1),
+            spill_over: Some(spill),
+            ..Default::default()
+        })
+    }
+
+    fn spill_60s() -> SpillOver {
+        SpillOver {
+            threshold: Duration::from_secs(60),
+            max_cloud_in_flight: 2,
+            min_budget: None,
+            default_duration: Duration::from_secs(100),
+        }
+    }
+
+    #[tokio::test]
+    async fn without_spill_over_a_cloud_backend_is_an_ordinary_one() {
+        let s = strategy();
+        let (j, w) = (job().await, workflow());
+        let p = s
+            .pick(
+                &j,
+                &w,
+                &[cand("gpu", 1, 1), cloud_cand("rh", 0, 1, &[])],
+                Timestamp::EPOCH,
+            )
+            .await;
+        assert_eq!(picked(&p), "rh");
+    }
+
+    #[tokio::test]
+    async fn the_cloud_concurrency_cap_counts_every_cloud_backend() {
+        let s = spilling(spill_60s());
+        let (j, w) = (job().await, workflow());
+        let cands = [
+            cand("gpu", 1, 1),
+            cloud_cand("rh-1", 1, 4, &[]),
+            cloud_cand("rh-2", 0, 4, &[]),
+        ];
+        assert_eq!(
+            picked(&s.pick(&j, &w, &cands, Timestamp::EPOCH).await),
+            "rh-2",
+            "one of two cloud slots used"
+        );
+        let cands = [
+            cand("gpu", 1, 1),
+            cloud_cand("rh-1", 1, 4, &[]),
+            cloud_cand("rh-2", 1, 4, &[]),
+        ];
+        let p = s.pick(&j, &w, &cands, Timestamp::EPOCH).await;
+        let Placement::Wait { reason, .. } = p else {
+            panic!("{p:?}")
+        };
+        assert!(
+            reason.contains("cloud concurrency limit is reached (2/2)"),
+            "{reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_budget_is_refused_when_a_minimum_is_set_and_coins_or_money_count() {
+        let s = spilling(SpillOver {
+            min_budget: Some(10.0),
+            ..spill_60s()
+        });
+        let (j, w) = (job().await, workflow());
+        let p = s
+            .pick(
+                &j,
+                &w,
+                &[cand("gpu", 1, 1), cloud_cand("rh", 0, 1, &[])],
+                Timestamp::EPOCH,
+            )
+            .await;
+        let Placement::Wait { reason, .. } = p else {
+            panic!("{p:?}")
+        };
+        assert!(reason.contains("budget is unknown"), "{reason}");
+        let rich = cloud_cand(
+            "rh",
+            0,
+            1,
+            &[("remain_coins", "3"), ("remain_money", "12.5")],
+        );
+        let p = s
+            .pick(&j, &w, &[cand("gpu", 1, 1), rich], Timestamp::EPOCH)
+            .await;
+        assert_eq!(picked(&p), "rh");
+    }
+
+    #[tokio::test]
+    async fn run_times_are_learned_on_owned_backends_only() {
+        let s = spilling(spill_60s());
+        let (j, w) = (job().await, workflow());
+        let t = Timestamp::EPOCH;
+        let cands = [cand("gpu", 1, 1), cloud_cand("rh", 0, 1, &[])];
+        // Default 100 s > 60 s: spill. The pick also learns that `rh` is cloud.
+        assert_eq!(picked(&s.pick(&j, &w, &cands, t).await), "rh");
+        // A fast cloud run teaches nothing; a 30 s owned run does.
+        s.on_success(&j, &w, &BackendId::new("rh"), Duration::from_secs(1), t)
+            .await;
+        assert_eq!(picked(&s.pick(&j, &w, &cands, t).await), "rh");
+        s.on_success(&j, &w, &BackendId::new("gpu"), Duration::from_secs(30), t)
+            .await;
+        let p = s.pick(&j, &w, &cands, t).await;
+        let Placement::Wait {
+            reason, skipped, ..
+        } = p
+        else {
+            panic!("{p:?}")
+        };
+        assert!(reason.contains("expected local wait 30s"), "{reason}");
+        assert!(
+            skipped
+                .iter()
+                .any(|k| k.backend.as_str() == "rh" && k.reason.contains("spill-over not needed")),
+            "{skipped:?}"
+        );
     }
 
     #[tokio::test]

@@ -814,6 +814,28 @@ impl Backend for RunningHubBackend {
         if let Some(w) = &cfg.default_workflow_id {
             facts.insert("default_workflow_id".to_owned(), w.clone());
         }
+        // The account's balance, for the spill-over budget check (`remain_coins`,
+        // `remain_money`); refreshed with the inventory. Missing when the account status
+        // cannot be read — a strategy with a minimum budget then keeps work off the cloud.
+        if let Ok(Answer {
+            verdict: Verdict::Succeeded(data),
+            ..
+        }) = self.shared.client.account_status().await
+        {
+            for (from, to) in [
+                ("remainCoins", "remain_coins"),
+                ("remainMoney", "remain_money"),
+            ] {
+                let v = match data.get(from) {
+                    Some(Value::Number(n)) => n.as_f64(),
+                    Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+                    _ => None,
+                };
+                if let Some(v) = v.filter(|v| v.is_finite()) {
+                    facts.insert(to.to_owned(), v.to_string());
+                }
+            }
+        }
         Ok(Inventory {
             node_classes: None,
             models: None,

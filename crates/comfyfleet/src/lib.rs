@@ -403,6 +403,10 @@ pub struct FleetConfig {
     pub backends: Vec<BackendConfig>,
     /// Engine settings.
     pub engine: EngineSettings,
+    /// Send jobs to cloud backends (label `tier = "cloud"`; RunningHub backends have it unless
+    /// their labels say otherwise) only when the owned GPUs' expected wait is long. `None`
+    /// (default): every backend is used alike.
+    pub spill_over: Option<SpillOverSettings>,
 }
 
 impl Default for FleetConfig {
@@ -411,7 +415,42 @@ impl Default for FleetConfig {
             store: DEFAULT_STORE.into(),
             backends: Vec::new(),
             engine: EngineSettings::default(),
+            spill_over: None,
         }
+    }
+}
+
+/// `[spill_over]`: when jobs may go to the cloud (see `comfyfleet_engine::SpillOver`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpillOverSettings {
+    /// Expected local wait (seconds) above which a job may go to the cloud.
+    pub threshold_secs: f64,
+    /// Most jobs on cloud backends at once (all cloud backends together).
+    pub max_cloud_in_flight: u32,
+    /// Keep work off the cloud when the account's balance (coins or money) is below this.
+    #[serde(default)]
+    pub min_budget: Option<f64>,
+    /// Run time assumed for a workflow before one is learned (seconds, default 60).
+    #[serde(default = "sixty")]
+    pub default_duration_secs: f64,
+}
+
+fn sixty() -> f64 {
+    60.0
+}
+
+impl SpillOverSettings {
+    fn to_engine(&self) -> Result<comfyfleet_engine::SpillOver, FleetError> {
+        Ok(comfyfleet_engine::SpillOver {
+            threshold: secs("spill_over.threshold_secs", self.threshold_secs)?,
+            max_cloud_in_flight: self.max_cloud_in_flight,
+            min_budget: self.min_budget,
+            default_duration: secs(
+                "spill_over.default_duration_secs",
+                self.default_duration_secs,
+            )?,
+        })
     }
 }
 
@@ -461,7 +500,15 @@ impl Fleet {
                 reason: "heartbeat_secs and maintenance_secs must be positive and heartbeat_secs at most half of lease_ttl_secs".into(),
             });
         }
-        let mut builder = Engine::builder(store, Arc::new(SmartFailover::default()))
+        let strategy = SmartFailover::new(SmartFailoverConfig {
+            spill_over: config
+                .spill_over
+                .as_ref()
+                .map(SpillOverSettings::to_engine)
+                .transpose()?,
+            ..SmartFailoverConfig::default()
+        });
+        let mut builder = Engine::builder(store, Arc::new(strategy))
             .backends(backends.iter().map(|(_, b)| b.clone()))
             .config(engine_config);
         // Input files live next to a SQLite database, so accepted uploads survive restarts.
@@ -652,6 +699,11 @@ fn runninghub_config(
         config.task_page_base = "https://www.runninghub.ai/task/detail/".into();
     }
     config.labels = r.labels.clone();
+    // A paid cloud account: spill-over (when configured) uses it only when local waits are long.
+    config
+        .labels
+        .entry("tier".to_owned())
+        .or_insert_with(|| comfyfleet_engine::CLOUD_TIER.to_owned());
     Ok(config)
 }
 
@@ -665,6 +717,37 @@ mod tests {
             store: "memory:".into(),
             ..FleetConfig::default()
         }
+    }
+
+    #[tokio::test]
+    async fn spill_over_settings_parse_and_reach_the_strategy() {
+        let c: FleetConfig = serde_json::from_value(serde_json::json!({
+            "store": "memory:",
+            "spill_over": {"threshold_secs": 120, "max_cloud_in_flight": 4, "min_budget": 50}
+        }))
+        .unwrap();
+        let s = c.spill_over.as_ref().unwrap();
+        assert_eq!(s.default_duration_secs, 60.0);
+        let e = s.to_engine().unwrap();
+        assert_eq!(e.threshold, Duration::from_secs(120));
+        assert_eq!(e.max_cloud_in_flight, 4);
+        assert_eq!(e.min_budget, Some(50.0));
+        assert!(Fleet::start(c).await.is_ok());
+        let bad: Result<FleetConfig, _> = serde_json::from_value(serde_json::json!({
+            "spill_over": {"threshold_secs": 1, "max_cloud_in_flight": 1, "treshold": 2}
+        }));
+        assert!(bad.unwrap_err().to_string().contains("treshold"));
+        let neg = FleetConfig {
+            spill_over: Some(SpillOverSettings {
+                threshold_secs: -1.0,
+                max_cloud_in_flight: 1,
+                min_budget: None,
+                default_duration_secs: 60.0,
+            }),
+            ..mem()
+        };
+        let err = Fleet::start(neg).await.unwrap_err();
+        assert!(err.to_string().contains("threshold_secs"), "{err}");
     }
 
     #[tokio::test]

@@ -11,4 +11,5 @@ mod harness;
 mod mocked;
 mod property;
 mod scenarios;
+mod spillover;
 mod takeover;

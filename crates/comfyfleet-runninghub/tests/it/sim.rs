@@ -221,3 +221,16 @@ async fn sim_hung_socket_handshake_does_not_block_polling() {
         t0.elapsed()
     );
 }
+
+/// The inventory carries the account's balance for the spill-over budget check.
+#[tokio::test(start_paused = true)]
+async fn sim_inventory_reports_the_account_balance() {
+    let sim = RunningHubSim::start(RunningHubSimConfig::default())
+        .await
+        .unwrap();
+    let backend = RunningHubBackend::new(config(&sim)).unwrap();
+    let inv = backend.inventory().await.unwrap();
+    let coins: f64 = inv.facts["remain_coins"].parse().unwrap();
+    assert!(coins > 0.0, "{:?}", inv.facts);
+    assert!(inv.facts.contains_key("remain_money"), "{:?}", inv.facts);
+}
