@@ -1038,6 +1038,77 @@ mod tests {
         assert!(!format!("{cfg:?} {env:?}").contains(secret));
     }
 
+    /// A real mixed fleet: a ComfyUI server (simulator over HTTP/WS) and a RunningHub account
+    /// (simulator), with spill-over. A hosted-workflow job runs only on RunningHub; a plain job
+    /// goes to the idle owned GPU first, and when that server accepts and hangs, the job fails
+    /// over to the cloud and keeps its id.
+    #[cfg(all(feature = "runninghub", feature = "comfyui", feature = "simulated"))]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mixed_fleet_fails_over_from_a_hung_comfyui_to_runninghub() {
+        use comfyfleet_testkit::runninghub_sim::{
+            DEFAULT_API_KEY, RunningHubSim, RunningHubSimConfig,
+        };
+        use comfyfleet_testkit::{ComfyUiSim, SimConfig};
+        let rh = RunningHubSim::start(RunningHubSimConfig::scaled(0.01))
+            .await
+            .unwrap();
+        let gpu = ComfyUiSim::start(SimConfig::scaled(0.05)).await.unwrap();
+        let c = toml(&format!(
+            "store = \"memory:\"\n\
+             [engine]\nstart_timeout_secs = 1.0\n\
+             [[backends]]\nkind = \"comfyui\"\nid = \"gpu\"\nurl = \"{}\"\n\
+             [[backends]]\nkind = \"runninghub\"\nid = \"cloud\"\nbase_url = \"{}\"\napi_key = \"{DEFAULT_API_KEY}\"\n\
+             default_workflow_id = \"plain\"\npoll_min_secs = 0.05\npoll_max_secs = 0.2\n\
+             [spill_over]\nthreshold_secs = 5\nmax_cloud_in_flight = 2\n",
+            gpu.base_url(),
+            rh.base_url()
+        ))
+        .unwrap();
+        let fleet = Fleet::start(c).await.unwrap();
+        fleet.engine().refresh_inventories().await;
+        let engine = fleet.engine().clone();
+        let wait = |id| {
+            let engine = engine.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(60), engine.wait_for(id))
+                    .await
+                    .expect("the job ends")
+                    .unwrap()
+            }
+        };
+        // Hosted workflow: only the cloud has the marker class.
+        let hosted = Workflow::from_json(
+            r#"{"rh": {"class_type": "RunningHubWorkflow", "inputs": {"workflow_id": "w-1"}},
+                "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat"}}}"#,
+        )
+        .unwrap();
+        let job = wait(fleet.engine().submit(JobSpec::new(hosted)).await.unwrap()).await;
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        let backends: Vec<&str> = job.attempts.iter().map(|a| a.backend.as_str()).collect();
+        assert_eq!(backends, ["cloud"]);
+        // A plain job on a hung owned GPU: start timeout there, then the cloud, one id.
+        gpu.faults().set_hang_after_accept(true);
+        let plain = fleet
+            .engine()
+            .submit(
+                JobSpec::new(comfyfleet_testkit::workflows::invert())
+                    .only_on([BackendId::new("gpu"), BackendId::new("cloud")]),
+            )
+            .await
+            .unwrap();
+        let job = wait(plain).await;
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+        assert_eq!(job.id, plain);
+        // Spill-over prefers the idle owned GPU; once it is blocked for this workflow (60 s)
+        // the expected local wait exceeds the 5 s threshold and the cloud takes the job.
+        let backends: Vec<&str> = job.attempts.iter().map(|a| a.backend.as_str()).collect();
+        assert_eq!(backends, ["gpu", "cloud"]);
+        assert!(rh.tasks().iter().any(|t| t.workflow_id == "plain"));
+        fleet.shutdown().await;
+        gpu.shutdown().await;
+        rh.shutdown().await;
+    }
+
     /// A fleet with a RunningHub account runs a hosted-workflow job on the simulator.
     #[cfg(all(feature = "runninghub", feature = "simulated"))]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
