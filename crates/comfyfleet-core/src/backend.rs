@@ -241,6 +241,13 @@ pub enum ExecutionEvent {
     },
     /// Terminal: interrupted (by our cancel).
     Interrupted,
+    /// Something people following the job should see — where to look at the remote task, a
+    /// task stuck in one state unusually long. Stored as a job `warning` event; not progress
+    /// (it does not reset the node clock).
+    Notice {
+        /// The text (no secrets).
+        message: String,
+    },
 }
 
 impl ExecutionEvent {

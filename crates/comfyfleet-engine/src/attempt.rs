@@ -362,6 +362,9 @@ impl AttemptCtx {
                             }
                         }
                         ExecutionEvent::Preview { .. } => {}
+                        ExecutionEvent::Notice { message } => {
+                            self.pending.push(EventKind::Warning { message });
+                        }
                         other if other.is_terminal() => {
                             return match other {
                                 ExecutionEvent::Succeeded { artifacts } => Exit::Succeeded(artifacts),

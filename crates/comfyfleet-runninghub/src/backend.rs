@@ -554,6 +554,9 @@ async fn monitor(
     let mut checks: u64 = 0;
     let mut queued_sent = false;
     info!(backend = %cfg.id, task = task_id, %link, "monitoring RunningHub task");
+    let _ = tx.send(ExecutionEvent::Notice {
+        message: format!("RunningHub task {task_id}: {link}"),
+    });
     let ended = loop {
         if tx.is_closed() {
             debug!(task = task_id, "event receiver dropped; monitor stops");
@@ -647,6 +650,18 @@ async fn monitor(
         if phase != Phase::Unknown && in_state >= next_warning {
             warn!(task = task_id, %link, state = ?phase, in_state_s = in_state.as_secs(),
                 elapsed_s = elapsed.as_secs(), "RunningHub task has been in one state unusually long");
+            let state = match phase {
+                Phase::Queued => "queued",
+                Phase::Running => "running",
+                Phase::Unknown => "in an unknown state",
+            };
+            let _ = tx.send(ExecutionEvent::Notice {
+                message: format!(
+                    "RunningHub task {task_id} has been {state} for {}s ({}s since it was created): {link}",
+                    in_state.as_secs(),
+                    elapsed.as_secs()
+                ),
+            });
             next_warning = next_warning.saturating_mul(2);
         }
         tokio::select! {

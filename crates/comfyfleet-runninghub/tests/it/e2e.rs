@@ -48,6 +48,13 @@ async fn sim() -> RunningHubSim {
 }
 
 fn backend(sim: &RunningHubSim) -> RunningHubBackend {
+    backend_with(sim, |_| {})
+}
+
+fn backend_with(
+    sim: &RunningHubSim,
+    tweak: impl FnOnce(&mut RunningHubConfig),
+) -> RunningHubBackend {
     let mut c = RunningHubConfig::new(
         "rh",
         sim.base_url().parse().unwrap(),
@@ -57,6 +64,7 @@ fn backend(sim: &RunningHubSim) -> RunningHubBackend {
     c.poll_min = Duration::from_millis(50);
     c.poll_max = Duration::from_millis(250);
     c.client.call_timeout = Duration::from_secs(3);
+    tweak(&mut c);
     RunningHubBackend::new(c).unwrap()
 }
 
@@ -96,7 +104,9 @@ async fn engine_runs_a_hosted_workflow_to_success() {
             ..Default::default()
         })),
     )
-    .backends([Arc::new(backend(&s)) as Arc<dyn Backend>])
+    .backends([Arc::new(backend_with(&s, |c| {
+        c.stuck_after = Duration::from_secs(1);
+    })) as Arc<dyn Backend>])
     .config(cfg)
     .build()
     .unwrap();
@@ -117,5 +127,26 @@ async fn engine_runs_a_hosted_workflow_to_success() {
             .as_str()
             .unwrap()
             .starts_with(&s.base_url())
+    );
+    // The task's page and the "unusually long" warnings are in the job's events.
+    let warnings: Vec<String> = e
+        .events(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|ev| match ev.kind {
+            comfyfleet_core::EventKind::Warning { message } => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        warnings.iter().any(|w| w.contains("/task/detail/")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("has been") && w.contains("/task/detail/")),
+        "{warnings:?}"
     );
 }
