@@ -17,6 +17,7 @@
 pub mod backend_conformance;
 pub mod comfyui_sim;
 pub mod fake;
+mod multipart;
 pub mod runninghub_sim;
 pub mod store_conformance;
 pub mod workflows;
