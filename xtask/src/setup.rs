@@ -78,6 +78,14 @@ const REQUIREMENTS: &[Requirement] = &[
             "openapi-spec-validator",
         ]],
     },
+    // The SSH tests (`comfyfleet-ssh/tests/`, `comfyfleet_testkit::sshd::TestSshd`) start their
+    // own Debian OpenSSH server on a free loopback port; only the binary is needed, the system
+    // sshd service is not started.
+    Requirement {
+        name: "openssh-server",
+        check: || Path::new("/usr/sbin/sshd").exists(),
+        install: &[apt_install!["openssh-server"]],
+    },
 ];
 
 /// `cargo xtask setup`.

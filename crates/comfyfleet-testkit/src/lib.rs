@@ -19,6 +19,7 @@ pub mod comfyui_sim;
 pub mod fake;
 mod multipart;
 pub mod runninghub_sim;
+pub mod sshd;
 pub mod store_conformance;
 pub mod workflows;
 
