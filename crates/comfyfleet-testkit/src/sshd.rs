@@ -86,10 +86,18 @@ fn current_user() -> String {
 }
 
 impl TestSshd {
-    /// Starts a server and waits until its port accepts connections.
+    /// Starts a server and waits until its port accepts connections, on a blocking thread (key
+    /// generation and the wait for the port must not stall the async runtime).
     ///
     /// Fails with an error naming `cargo xtask setup` when `/usr/sbin/sshd` is missing.
-    pub fn start() -> io::Result<TestSshd> {
+    pub async fn start() -> io::Result<TestSshd> {
+        tokio::task::spawn_blocking(Self::start_blocking)
+            .await
+            .map_err(|e| io::Error::other(format!("sshd start task: {e}")))?
+    }
+
+    /// [`TestSshd::start`] for synchronous code.
+    pub fn start_blocking() -> io::Result<TestSshd> {
         if !Path::new(SSHD_PATH).exists() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -265,7 +273,7 @@ mod tests {
 
     #[test]
     fn starts_and_accepts_the_system_ssh_client() -> io::Result<()> {
-        let sshd = TestSshd::start()?;
+        let sshd = TestSshd::start_blocking()?;
         let known_hosts = sshd.write_known_hosts()?;
         let out = Command::new("ssh")
             .arg("-i")

@@ -2,7 +2,7 @@ use super::*;
 
 #[tokio::test]
 async fn connect_and_exec_echo() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let client = connected(&sshd).await;
     let out = client
         .run(&argv(&["echo", "hi"]), ExecOptions::default())
@@ -15,7 +15,7 @@ async fn connect_and_exec_echo() {
 
 #[tokio::test]
 async fn connect_with_in_memory_key() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let mut t = target(&sshd, sshd.write_known_hosts().unwrap());
     t.key = SshKey::Inline {
         contents: SecretString::from(sshd.client_key_private().to_owned()),
@@ -29,7 +29,7 @@ async fn connect_with_in_memory_key() {
 
 #[tokio::test]
 async fn host_key_mismatch_is_refused() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let other = keygen_ed25519(&dir.path().join("other")).unwrap();
     let mut parts = other.split_whitespace();
@@ -49,7 +49,7 @@ async fn host_key_mismatch_is_refused() {
 
 #[tokio::test]
 async fn unknown_host_refused_without_tofu_and_learned_with_it() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kh = dir.path().join("sub").join("known_hosts");
     let mut t = target(&sshd, kh.clone());
@@ -79,7 +79,7 @@ async fn unknown_host_refused_without_tofu_and_learned_with_it() {
 
 #[tokio::test]
 async fn wrong_key_is_auth_failed() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stranger");
     keygen_ed25519(&path).unwrap();
@@ -94,7 +94,7 @@ async fn wrong_key_is_auth_failed() {
 
 #[tokio::test]
 async fn connect_to_closed_port_is_io_error() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let mut t = target(&sshd, sshd.write_known_hosts().unwrap());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -117,7 +117,7 @@ async fn silent_server_is_timeout() {
             held.push(s);
         }
     });
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let mut t = target(&sshd, sshd.write_known_hosts().unwrap());
     t.port = port;
     t.connect_timeout = Duration::from_millis(300);
@@ -127,7 +127,7 @@ async fn silent_server_is_timeout() {
 
 #[tokio::test]
 async fn key_of_another_algorithm_recorded_is_a_mismatch_even_with_tofu() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let rsa = dir.path().join("rsa");
     let st = std::process::Command::new("ssh-keygen")
@@ -150,7 +150,7 @@ async fn key_of_another_algorithm_recorded_is_a_mismatch_even_with_tofu() {
 
 #[tokio::test]
 async fn encrypted_key_with_passphrase() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("enc");
     let st = std::process::Command::new("ssh-keygen")

@@ -2,7 +2,7 @@ use super::*;
 
 #[tokio::test]
 async fn lines_stream_before_exit_in_order() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let client = connected(&sshd).await;
     let mut p = client
         .exec(&argv(&[
@@ -39,7 +39,7 @@ async fn lines_stream_before_exit_in_order() {
 
 #[tokio::test]
 async fn exit_code_and_stderr_without_pty() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let client = connected(&sshd).await;
     let out = client
         .run(
@@ -55,7 +55,7 @@ async fn exit_code_and_stderr_without_pty() {
 
 #[tokio::test]
 async fn command_timeout_closes_the_command() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let client = connected(&sshd).await;
     let out = client
         .run(
@@ -82,7 +82,7 @@ async fn remote_running(client: &SshClient, marker: &str) -> bool {
 
 #[tokio::test]
 async fn cancel_kills_the_remote_process_group() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let client = connected(&sshd).await;
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join(format!("marker-{}", unique()));
@@ -121,7 +121,7 @@ async fn cancel_kills_the_remote_process_group() {
 
 #[tokio::test]
 async fn dropping_the_process_cancels_it() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let client = connected(&sshd).await;
     let tag = format!("dropme-{}", unique());
     let script = format!("echo up; sleep 300; : {tag}");

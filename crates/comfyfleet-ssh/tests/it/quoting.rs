@@ -32,7 +32,7 @@ fn shell_quote_round_trips_through_the_real_remote_shell() {
         .enable_all()
         .build()
         .unwrap();
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start_blocking().unwrap();
     let client = rt.block_on(connected(&sshd));
     let mut runner = TestRunner::new(Config {
         cases: 96,
@@ -54,7 +54,7 @@ fn shell_quote_round_trips_through_the_real_remote_shell() {
 
 #[tokio::test]
 async fn nul_bytes_are_rejected() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let client = connected(&sshd).await;
     let err = client
         .exec(&argv(&["printf", "%s", "a\0b"]))
@@ -67,7 +67,7 @@ async fn nul_bytes_are_rejected() {
 
 #[tokio::test]
 async fn injection_payloads_come_back_verbatim_and_run_nothing() {
-    let sshd = TestSshd::start().unwrap();
+    let sshd = TestSshd::start().await.unwrap();
     let client = connected(&sshd).await;
     let dir = tempfile::tempdir().unwrap();
     let pwned = dir.path().join(format!("pwned-{}", unique()));
