@@ -317,33 +317,13 @@ pub fn decode_binary(frame: &Bytes) -> Result<BinaryMessage, DecodeError> {
     })
 }
 
-/// Exception types that say "this machine", not "this input": try another backend.
-fn backend_specific_exception(exception_type: &str, message: &str) -> bool {
-    let t = exception_type.to_ascii_lowercase();
-    let m = message.to_ascii_lowercase();
-    t.contains("outofmemory")
-        || t.contains("cuda")
-        || t.ends_with("modulenotfounderror")
-        || t.ends_with("importerror")
-        || t.ends_with("filenotfounderror")
-        || t.ends_with("oserror")
-        || t.ends_with("runtimeerror")
-        || m.contains("out of memory")
-        || m.contains("cuda error")
-        || m.contains("no kernel image")
-}
-
 /// Classifies an `execution_error` payload.
 pub fn classify_execution_error(data: &Map<String, Value>) -> ExecutionError {
     let exception_type = str_field(data, "exception_type").unwrap_or_else(|| "Exception".into());
     let message = str_field(data, "exception_message").unwrap_or_default();
     let node = data.get("node_id").and_then(node_id);
     let node_type = str_field(data, "node_type");
-    let kind = if backend_specific_exception(&exception_type, &message) {
-        ErrorKind::BackendSpecific
-    } else {
-        ErrorKind::Deterministic
-    };
+    let kind = ErrorKind::of_node_exception(&exception_type, &message);
     let mut text = format!("{exception_type}: {}", message.trim_end());
     if let (Some(n), Some(t)) = (&node, &node_type) {
         text = format!("node {n} ({t}): {text}");

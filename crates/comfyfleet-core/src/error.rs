@@ -27,6 +27,30 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The kind of a ComfyUI node exception (ComfyUI's `execution_error`, RunningHub's
+    /// `failedReason`): out of memory, CUDA, missing modules or files say "this machine" —
+    /// [`ErrorKind::BackendSpecific`], worth another backend; anything else is about the input —
+    /// [`ErrorKind::Deterministic`].
+    pub fn of_node_exception(exception_type: &str, message: &str) -> ErrorKind {
+        let t = exception_type.to_ascii_lowercase();
+        let m = message.to_ascii_lowercase();
+        let machine = t.contains("outofmemory")
+            || t.contains("cuda")
+            || t.ends_with("modulenotfounderror")
+            || t.ends_with("importerror")
+            || t.ends_with("filenotfounderror")
+            || t.ends_with("oserror")
+            || t.ends_with("runtimeerror")
+            || m.contains("out of memory")
+            || m.contains("cuda error")
+            || m.contains("no kernel image");
+        if machine {
+            ErrorKind::BackendSpecific
+        } else {
+            ErrorKind::Deterministic
+        }
+    }
+
     /// Whether another attempt can possibly help.
     pub fn is_retryable(self) -> bool {
         matches!(
@@ -310,6 +334,32 @@ impl From<WorkflowError> for ExecutionError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_exceptions_about_the_machine_are_backend_specific() {
+        for (t, m) in [
+            ("torch.OutOfMemoryError", "Allocation on device"),
+            ("RuntimeError", "CUDA error: an illegal memory access"),
+            ("ModuleNotFoundError", "No module named 'x'"),
+            ("Exception", "CUDA out of memory"),
+        ] {
+            assert_eq!(
+                ErrorKind::of_node_exception(t, m),
+                ErrorKind::BackendSpecific,
+                "{t}"
+            );
+        }
+        for (t, m) in [
+            ("ValueError", "bad width"),
+            ("Exception", "prompt too long"),
+        ] {
+            assert_eq!(
+                ErrorKind::of_node_exception(t, m),
+                ErrorKind::Deterministic,
+                "{t}"
+            );
+        }
+    }
     use std::time::Duration;
 
     #[test]

@@ -375,22 +375,6 @@ fn prompt_tips_errors(obj: &Map<String, Value>) -> Option<ExecutionError> {
     })
 }
 
-/// Exception types that say "this machine", not "this input" (as the ComfyUI backend decides).
-fn backend_specific_exception(exception_type: &str, message: &str) -> bool {
-    let t = exception_type.to_ascii_lowercase();
-    let m = message.to_ascii_lowercase();
-    t.contains("outofmemory")
-        || t.contains("cuda")
-        || t.ends_with("modulenotfounderror")
-        || t.ends_with("importerror")
-        || t.ends_with("filenotfounderror")
-        || t.ends_with("oserror")
-        || t.ends_with("runtimeerror")
-        || m.contains("out of memory")
-        || m.contains("cuda error")
-        || m.contains("no kernel image")
-}
-
 /// `data.failedReason` (an object, or a JSON string of one) → an [`ExecutionError`].
 fn failed_reason(data: &Value, msg: &str) -> ExecutionError {
     let reason = match data.get("failedReason") {
@@ -415,11 +399,7 @@ fn failed_reason(data: &Value, msg: &str) -> ExecutionError {
     let message = str_of(&r, "exception_message").unwrap_or_default();
     let node = str_of(&r, "node_id");
     let node_type = str_of(&r, "node_name").or_else(|| str_of(&r, "node_type"));
-    let kind = if backend_specific_exception(&exception_type, &message) {
-        ErrorKind::BackendSpecific
-    } else {
-        ErrorKind::Deterministic
-    };
+    let kind = ErrorKind::of_node_exception(&exception_type, &message);
     let mut text = format!("{exception_type}: {}", message.trim_end());
     match (&node, &node_type) {
         (Some(n), Some(t)) => text = format!("node {n} ({t}): {text}"),

@@ -192,6 +192,8 @@ impl TestSshd {
                     ));
                     break;
                 }
+                // Synchronous by design: `start` runs this on a blocking thread, never on the
+                // async runtime.
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
