@@ -310,6 +310,13 @@ pub enum StoreError {
     /// The store does not support this operation (e.g. backup of an in-memory store).
     #[error("store does not support {0}")]
     NotSupported(&'static str),
+    /// No such install.
+    #[error("install {0} not found")]
+    InstallNotFound(crate::ids::InstallId),
+    /// The write conflicts with the stored state: an instance already has an active install,
+    /// or another writer changed the record first.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The database file or server is unusable: corrupt, foreign, from a newer schema.
     #[error("store is unusable: {0}")]
     Unusable(String),

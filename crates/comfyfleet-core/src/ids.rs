@@ -1,4 +1,4 @@
-//! Identifiers: jobs, backends and remote executions.
+//! Identifiers: jobs, installs, backends and remote executions.
 
 use std::fmt;
 use std::str::FromStr;
@@ -50,6 +50,53 @@ impl FromStr for JobId {
     type Err = uuid::Error;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Uuid::parse_str(s).map(JobId)
+    }
+}
+
+/// The id of a custom-node install on an instance: a UUID v7, like [`JobId`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct InstallId(Uuid);
+
+impl InstallId {
+    /// A new, time-ordered id.
+    pub fn new() -> Self {
+        InstallId(Uuid::now_v7())
+    }
+
+    /// Wraps an existing UUID (read back from a store).
+    pub fn from_uuid(uuid: Uuid) -> Self {
+        InstallId(uuid)
+    }
+
+    /// The UUID inside.
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl Default for InstallId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for InstallId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for InstallId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InstallId({})", self.0)
+    }
+}
+
+impl FromStr for InstallId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(InstallId)
     }
 }
 
@@ -148,6 +195,21 @@ impl utoipa::PartialSchema for JobId {
 
 #[cfg(feature = "openapi")]
 impl utoipa::ToSchema for JobId {}
+
+/// An install id is a UUID string (v7, time-ordered).
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for InstallId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(
+            "An install id: a UUID (v7, so ids sort by creation time).",
+            Some(utoipa::openapi::schema::KnownFormat::Uuid),
+            "019a6b6e-7a11-7c3e-9a51-2f0c4b7d8e91",
+        )
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for InstallId {}
 
 /// A backend id is its configured name.
 #[cfg(feature = "openapi")]

@@ -8,6 +8,8 @@
 //! * [`FailoverStrategy`] — where a job goes and what a failure means;
 //! * [`TaskStore`] — durable job state (with [`MemoryStore`] in this crate).
 //!
+//! Plus [`InstallStore`] for durable custom-node installs ([`install`]).
+//!
 //! This crate does no network or disk I/O.
 //!
 //! ```
@@ -33,6 +35,7 @@ pub mod error;
 pub mod event;
 pub mod ids;
 pub mod inputs;
+pub mod install;
 pub mod job;
 pub mod memory;
 pub mod progress;
@@ -48,8 +51,13 @@ pub use backend::{
 };
 pub use error::{BackendError, ErrorDetail, ErrorKind, ExecutionError, StoreError, TimeoutPhase};
 pub use event::{Event, EventKind, FleetEvent, Skip};
-pub use ids::{BackendId, JobId, RemoteRef};
+pub use ids::{BackendId, InstallId, JobId, RemoteRef};
 pub use inputs::{InputStore, MemoryInputs};
+pub use install::{
+    InstallEvent, InstallEventKind, InstallFilter, InstallPhase, InstallRecord, InstallSpec,
+    InstallSpecError, InstallState, InstallStore, InstalledPack, ModelProgress, ModelSpec,
+    ModelStatus, NodeCounts, NodeProgress, NodeSpec, NodeStatus, RequirementsStatus,
+};
 pub use job::{
     Artifact, Attempt, AttemptOutcome, CancelStep, Constraints, JobRecord, JobSpec, JobState,
     JobSummary, LeaseInfo, NodeTiming, PhaseDeadline, SpecError, TimeoutOverrides, Upload,

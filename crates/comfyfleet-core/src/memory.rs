@@ -1,5 +1,5 @@
-//! [`MemoryStore`]: an in-memory [`TaskStore`] for tests, examples and embedders that need no
-//! durability. It follows the same contract as the durable stores and passes the same
+//! [`MemoryStore`]: an in-memory [`TaskStore`] (and [`InstallStore`](crate::InstallStore), in
+//! [`installs`]) for tests, examples and embedders that need no durability. It follows the same contract as the durable stores and passes the same
 //! conformance suite.
 
 use std::cmp::Reverse;
@@ -16,6 +16,8 @@ use crate::job::{Attempt, AttemptOutcome, JobRecord, JobState, LeaseInfo};
 use crate::store::*;
 use crate::time::Timestamp;
 
+pub mod installs;
+
 type ReadyKey = (Reverse<i32>, u64, JobId);
 
 #[derive(Debug, Default)]
@@ -28,6 +30,7 @@ struct Inner {
     next_event: u64,
     next_order: u64,
     leader: Option<(String, Timestamp)>,
+    installs: installs::Installs,
 }
 
 /// An in-memory [`TaskStore`].
@@ -713,6 +716,7 @@ impl TaskStore for MemoryStore {
         }
         let doomed_set: BTreeSet<JobId> = doomed.iter().copied().collect();
         s.events.retain(|_, e| !doomed_set.contains(&e.job));
+        s.installs.prune(finished_before);
         Ok(doomed.len() as u64)
     }
 

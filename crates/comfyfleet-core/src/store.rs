@@ -525,7 +525,9 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError>;
 
     /// Deletes terminal jobs that finished before `finished_before`, with their events; returns
-    /// how many jobs were deleted.
+    /// how many jobs were deleted. A store that is also an [`crate::InstallStore`] deletes
+    /// finished installs older than the cutoff with their events too (not counted; the
+    /// recorded packs stay).
     async fn prune(&self, finished_before: Timestamp) -> Result<u64, StoreError>;
 
     /// Writes a consistent copy of the store to `dest`.

@@ -1,9 +1,10 @@
 //! # comfyfleet-store-sqlite
 //!
-//! [`SqliteStore`]: comfyfleet's embedded, durable [`TaskStore`], in one SQLite file (WAL mode).
-//! It follows the contract in [`comfyfleet_core::store`] exactly as
-//! [`comfyfleet_core::MemoryStore`] does (same decisions, same event sequences) and passes
-//! `comfyfleet-testkit`'s conformance suite and model test.
+//! [`SqliteStore`]: comfyfleet's embedded, durable [`TaskStore`] and [`InstallStore`], in one
+//! SQLite file (WAL mode). It follows the contracts in [`comfyfleet_core::store`] and
+//! [`comfyfleet_core::install`] exactly as [`comfyfleet_core::MemoryStore`] does (same
+//! decisions, same event sequences) and passes `comfyfleet-testkit`'s conformance suites and
+//! model test.
 //!
 //! ```
 //! use std::time::Duration;
@@ -43,7 +44,13 @@
 //!   `PRAGMA user_version`); `PRAGMA application_id` and a `meta` table mark the file as ours.
 //!   Tables: `jobs` (scalar columns for everything queried, JSON for the rest), `attempts`,
 //!   append-only `events` (the global event id is its `AUTOINCREMENT` key), `job_labels`,
-//!   `leader`, `meta`.
+//!   `leader`, `meta`; for installs (schema version 2) `installs` (queried columns plus the
+//!   whole record as JSON), append-only `install_events` and `instance_packs`.
+//! * **Installs.** A partial unique index on `installs (instance) WHERE state IN ('queued',
+//!   'running')` makes "one active install per instance" hold under any race; `update_install`
+//!   is one `UPDATE … WHERE id = ? AND version = ? AND state IN ('queued', 'running')` plus its
+//!   event inserts, in one transaction. `prune` also deletes finished installs and their events
+//!   (never the recorded packs); `backup` copies everything.
 //! * **Claim** is one statement: `UPDATE jobs SET state = 'running', claims = claims + 1, … WHERE
 //!   ord = (SELECT ord FROM jobs WHERE state IN ('pending', 'retry_wait') AND run_at <= now ORDER
 //!   BY priority DESC, ord LIMIT 1) RETURNING …`, served by a partial index. Every fenced write
@@ -67,6 +74,7 @@ mod busy;
 mod codec;
 mod conn;
 mod error;
+mod installs;
 mod ops;
 mod schema;
 
@@ -75,10 +83,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use comfyfleet_core::memory::installs::check_limit;
 use comfyfleet_core::{
     AttemptStart, AttemptUpdate, CancelResult, CancelStep, Claimed, Completion, Enqueued, Event,
-    EventQuery, Failure, HeartbeatAck, JobFilter, JobId, JobPage, JobRecord, Lease, NewJob,
-    ReapOptions, ReapReport, StateCounts, StoreError, TaskStore, Timestamp,
+    EventQuery, Failure, HeartbeatAck, InstallEvent, InstallEventKind, InstallFilter, InstallId,
+    InstallRecord, InstallStore, InstalledPack, JobFilter, JobId, JobPage, JobRecord, Lease,
+    NewJob, ReapOptions, ReapReport, StateCounts, StoreError, TaskStore, Timestamp,
 };
 use rusqlite::Connection;
 
@@ -303,6 +313,57 @@ impl SqliteStore {
             Some(r) => r.read(f).await,
             None => self.writer.call(move |c| in_read_tx(c, f)).await,
         }
+    }
+}
+
+#[async_trait]
+impl InstallStore for SqliteStore {
+    async fn create_install(&self, record: &InstallRecord) -> Result<InstallEvent, StoreError> {
+        let record = record.clone();
+        self.write(move |c| installs::create(c, &record)).await
+    }
+
+    async fn get_install(&self, id: InstallId) -> Result<Option<InstallRecord>, StoreError> {
+        self.read(move |c| installs::get(c, id)).await
+    }
+
+    async fn list_installs(
+        &self,
+        filter: &InstallFilter,
+    ) -> Result<Vec<InstallRecord>, StoreError> {
+        let limit = check_limit(filter.limit)?;
+        let filter = filter.clone();
+        self.read(move |c| installs::list(c, &filter, limit)).await
+    }
+
+    async fn update_install(
+        &self,
+        record: &InstallRecord,
+        events: &[InstallEventKind],
+    ) -> Result<Vec<InstallEvent>, StoreError> {
+        let (record, events) = (record.clone(), events.to_vec());
+        self.write(move |c| installs::update(c, &record, &events))
+            .await
+    }
+
+    async fn install_events(
+        &self,
+        id: InstallId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<InstallEvent>, StoreError> {
+        self.read(move |c| installs::events(c, id, after, limit))
+            .await
+    }
+
+    async fn instance_packs(&self, instance: &str) -> Result<Vec<InstalledPack>, StoreError> {
+        let instance = instance.to_owned();
+        self.read(move |c| installs::packs(c, &instance)).await
+    }
+
+    async fn record_packs(&self, packs: &[InstalledPack]) -> Result<(), StoreError> {
+        let packs = packs.to_vec();
+        self.write(move |c| installs::record_packs(c, &packs)).await
     }
 }
 
@@ -559,7 +620,18 @@ impl TaskStore for SqliteStore {
                 break;
             }
         }
-        if total > 0 {
+        // Finished installs too (not counted: the answer is about jobs).
+        let mut installs = 0;
+        loop {
+            let n = self
+                .write(move |c| installs::prune_batch(c, finished_before, PRUNE_BATCH))
+                .await?;
+            installs += n;
+            if n < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+        if total + installs > 0 {
             // Many rows went: let SQLite refresh its statistics if they drifted.
             self.writer
                 .call(|c| {

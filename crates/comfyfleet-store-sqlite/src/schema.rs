@@ -19,7 +19,11 @@ pub const APPLICATION_ID: i32 = 0x4346_4C54;
 const APPLICATION_NAME: &str = "comfyfleet-store-sqlite";
 
 /// The migrations, embedded in the binary; the schema version is their count.
-static MIGRATIONS: &[M<'static>] = &[M::up(include_str!("../migrations/0001_initial.sql"))];
+/// Never edit one that has shipped: add the next.
+static MIGRATIONS: &[M<'static>] = &[
+    M::up(include_str!("../migrations/0001_initial.sql")),
+    M::up(include_str!("../migrations/0002_installs.sql")),
+];
 
 /// The newest schema version this binary knows (`PRAGMA user_version` after migrating).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -289,7 +289,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-async fn run_case(case: impl Future<Output = ()>) -> Result<(), String> {
+pub(crate) async fn run_case(case: impl Future<Output = ()>) -> Result<(), String> {
     AssertUnwindSafe(case)
         .catch_unwind()
         .await

@@ -8,5 +8,6 @@ mod common;
 mod conformance;
 mod engines;
 mod fencing;
+mod installs;
 mod reaper;
 mod scale;
