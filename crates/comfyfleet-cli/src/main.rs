@@ -169,6 +169,11 @@ enum SimCommand {
         /// Time factor for simulated work (1.0: real time; 0.1: ten times faster).
         #[arg(long, default_value_t = 1.0)]
         time_scale: f64,
+        /// A ComfyUI `custom_nodes` directory: each pack folder whose `__init__.py` defines
+        /// `NODE_CLASS_MAPPINGS` adds its classes (`python_module` `custom_nodes.<folder>`).
+        /// Rescanned at every restart (`GET /api/manager/reboot`).
+        #[arg(long, value_name = "DIR")]
+        custom_nodes: Option<std::path::PathBuf>,
     },
     /// A RunningHub OpenAPI simulator (create / status / outputs / cancel, uploads, account and
     /// queue status, the `netWssUrl` socket; codes 804/805/806/807/813/814). Prints its base URL
@@ -214,9 +219,16 @@ async fn sim(cmd: SimCommand) -> Result<i32> {
             nodes,
             fault,
             time_scale,
+            custom_nodes,
         } => {
             check_scale(time_scale)?;
             let mut config = SimConfig::scaled(time_scale);
+            if let Some(dir) = custom_nodes {
+                if !dir.is_dir() {
+                    anyhow::bail!("--custom-nodes {}: not a directory", dir.display());
+                }
+                config = config.custom_nodes_dir(dir);
+            }
             config.addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
             for n in nodes {
                 config.extra_node_classes.insert(n, false);

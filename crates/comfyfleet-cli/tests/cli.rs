@@ -301,6 +301,56 @@ fn the_comfyui_simulator_runs_standalone_and_answers() {
 }
 
 #[test]
+fn the_comfyui_simulator_loads_a_custom_nodes_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let pack = dir.path().join("ComfyUI-Fleet-Pack");
+    std::fs::create_dir_all(&pack).unwrap();
+    std::fs::write(
+        pack.join("__init__.py"),
+        "NODE_CLASS_MAPPINGS = {\n    \"FleetPackNode\": Node,\n}\n",
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("comfyfleet"))
+        .args(["sim", "comfyui", "--port", "0", "--custom-nodes"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let info: serde_json::Value = rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::get(format!("{url}/api/object_info/FleetPackNode"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        info["FleetPackNode"]["python_module"],
+        "custom_nodes.ComfyUI-Fleet-Pack"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    comfyfleet()
+        .args(["sim", "comfyui", "--custom-nodes"])
+        .arg(dir.path().join("missing"))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("not a directory"));
+}
+
+#[test]
 fn the_runninghub_simulator_runs_standalone_and_answers() {
     // A free port, picked by binding and releasing it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

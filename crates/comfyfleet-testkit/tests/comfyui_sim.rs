@@ -2246,3 +2246,258 @@ async fn stats_count_what_happened() {
     assert!(s.ws_messages_sent >= 10 && s.http_requests >= 4, "{s:?}");
     assert!(sim.node_classes().contains(&"TestSleep".to_owned()));
 }
+
+// ---- custom nodes directory and restart --------------------------------------------------------
+
+/// A pack folder in `root`, with `init` as its `__init__.py` (none if `None`).
+fn write_pack(root: &std::path::Path, folder: &str, init: Option<&str>) {
+    let dir = root.join(folder);
+    std::fs::create_dir_all(&dir).unwrap();
+    if let Some(text) = init {
+        std::fs::write(dir.join("__init__.py"), text).unwrap();
+    }
+}
+
+/// Custom classes loaded from a custom nodes directory: name → `python_module`.
+fn custom_classes(info: &Value) -> std::collections::BTreeMap<String, String> {
+    info.as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "TestSleep")
+        .filter_map(|(name, def)| {
+            let module = def["python_module"].as_str().unwrap();
+            module
+                .starts_with("custom_nodes.")
+                .then(|| (name.clone(), module.to_owned()))
+        })
+        .collect()
+}
+
+/// Wait (generously) until the restart counter reaches `n`: the old process is gone and the new
+/// one is in its 503 window.
+async fn wait_restarts(sim: &ComfyUiSim, n: u64) {
+    for _ in 0..3000 {
+        if sim.stats().restarts >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("restart {n} never happened");
+}
+
+/// Wait (generously) until the restarted server answers again; fresh connections each time.
+async fn wait_ready(sim: &ComfyUiSim) {
+    for _ in 0..3000 {
+        if !sim.is_restarting()
+            && let Ok(r) = client()
+                .get(format!("{}/api/system_stats", sim.base_url()))
+                .send()
+                .await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the server never came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_nodes_dir_packs_load_and_a_manager_reboot_rescans_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write_pack(
+        root,
+        "ComfyUI-Alpha",
+        Some(
+            "import os\n\nclass AlphaOne:\n    pass\n\nNODE_CLASS_MAPPINGS = {\n    \"AlphaOne\": AlphaOne,  # the first\n    # \"AlphaCommented\": AlphaOne,\n    \"AlphaTwo\": make_node({\"nested\": 1}),\n}\nNODE_DISPLAY_NAME_MAPPINGS = {\"AlphaOne\": \"Alpha One\"}\n",
+        ),
+    );
+    write_pack(
+        root,
+        "beta_pack",
+        Some("NODE_CLASS_MAPPINGS = {'BetaNode': BetaNode}\n"),
+    );
+    write_pack(root, "NoMappings", Some("WEB_DIRECTORY = './js'\n"));
+    write_pack(root, "NoInit", None);
+    write_pack(
+        root,
+        "Gamma.disabled",
+        Some("NODE_CLASS_MAPPINGS = {'GammaNode': G}\n"),
+    );
+    write_pack(
+        root,
+        ".hidden",
+        Some("NODE_CLASS_MAPPINGS = {'HiddenNode': H}\n"),
+    );
+    write_pack(
+        root,
+        "Shadow",
+        Some("NODE_CLASS_MAPPINGS = {'SaveImage': Mine, 'ShadowNode': S}\n"),
+    );
+    std::fs::write(root.join("notes.txt"), "NODE_CLASS_MAPPINGS = {'Txt': 1}").unwrap();
+
+    // time_scale 0.01: the 300 s restart takes 3 s of real time.
+    let sim = ComfyUiSim::start(
+        SimConfig::scaled(0.01)
+            .custom_nodes_dir(root)
+            .restart_delay(Duration::from_secs(300)),
+    )
+    .await
+    .unwrap();
+    let b = sim.base_url();
+    let c = client();
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        sim.custom_node_packs(),
+        vec![
+            ("ComfyUI-Alpha".to_owned(), s(&["AlphaOne", "AlphaTwo"])),
+            ("Shadow".to_owned(), s(&["SaveImage", "ShadowNode"])),
+            ("beta_pack".to_owned(), s(&["BetaNode"])),
+        ]
+    );
+    let info = get(&c, format!("{b}/api/object_info")).await.json();
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("AlphaOne", "custom_nodes.ComfyUI-Alpha"),
+        ("AlphaTwo", "custom_nodes.ComfyUI-Alpha"),
+        ("BetaNode", "custom_nodes.beta_pack"),
+        ("ShadowNode", "custom_nodes.Shadow"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(custom_classes(&info), expected);
+    assert_eq!(
+        info["SaveImage"]["python_module"], "nodes",
+        "a pack cannot replace a built-in class"
+    );
+    let one = get(&c, format!("{b}/object_info/AlphaOne")).await.json();
+    assert_eq!(one.as_object().unwrap().len(), 1);
+    assert_eq!(
+        one["AlphaOne"]["python_module"],
+        "custom_nodes.ComfyUI-Alpha"
+    );
+    assert_eq!(one["AlphaOne"]["category"], "custom/ComfyUI-Alpha");
+    assert_eq!(one["AlphaOne"]["output"], json!(["*"]));
+
+    // A prompt through two pack classes validates and runs (pass-through).
+    let raw = r#"{"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "AlphaOne", "inputs": {"value": ["1", 0]}},
+        "3": {"class_type": "BetaNode", "inputs": {"image": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "pack"}}}"#;
+    let p = submit(&c, &sim, raw, None).await;
+    let entry = finished(&c, &sim, &p).await;
+    assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+    assert_eq!(
+        entry["outputs"]["4"]["images"][0]["filename"],
+        "pack_00001_.png"
+    );
+
+    // A pack cloned after start is not loaded until a restart.
+    write_pack(
+        root,
+        "ComfyUI-Delta",
+        Some("NODE_CLASS_MAPPINGS = {\"DeltaNode\": DeltaNode}\n"),
+    );
+    assert_eq!(
+        get(&c, format!("{b}/api/object_info/DeltaNode"))
+            .await
+            .json(),
+        json!({})
+    );
+    // A prompt in flight when the restart comes is lost.
+    let lost = submit(&c, &sim, &sleep_prompt(1000.0, 3), None).await;
+    wait_running(&c, &sim, &lost).await;
+
+    let r = get(&c, format!("{b}/api/manager/reboot")).await;
+    assert_eq!(r.status, 200);
+    wait_restarts(&sim, 1).await;
+    // The restart window: every request answers 503.
+    assert!(sim.is_restarting());
+    let during = get(&client(), format!("{b}/api/object_info")).await;
+    assert_eq!(during.status, 503, "{}", during.text());
+    let during = get(&client(), format!("{b}/prompt")).await;
+    assert_eq!(during.status, 503);
+    wait_ready(&sim).await;
+
+    let c = client();
+    let info = get(&c, format!("{b}/api/object_info")).await.json();
+    assert_eq!(
+        info["DeltaNode"]["python_module"],
+        "custom_nodes.ComfyUI-Delta"
+    );
+    assert!(
+        sim.custom_node_packs()
+            .iter()
+            .any(|(f, cl)| f == "ComfyUI-Delta" && cl == &s(&["DeltaNode"]))
+    );
+    assert_eq!(history(&c, &sim, &lost).await, json!({}), "lost");
+    assert_eq!(
+        get(&c, format!("{b}/history")).await.json(),
+        json!({}),
+        "history is gone"
+    );
+    assert_eq!(
+        get(&c, format!("{b}/queue")).await.json(),
+        json!({"queue_running": [], "queue_pending": []})
+    );
+
+    // Disabling a pack and rebooting (the route without `/api`) unloads it.
+    std::fs::rename(
+        root.join("ComfyUI-Delta"),
+        root.join("ComfyUI-Delta.disabled"),
+    )
+    .unwrap();
+    assert_eq!(get(&c, format!("{b}/manager/reboot")).await.status, 200);
+    wait_restarts(&sim, 2).await;
+    wait_ready(&sim).await;
+    let c = client();
+    assert_eq!(
+        get(&c, format!("{b}/object_info/DeltaNode")).await.json(),
+        json!({})
+    );
+    assert!(get(&c, format!("{b}/object_info/AlphaTwo")).await.json()["AlphaTwo"].is_object());
+    assert_eq!(sim.stats().restarts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_like_the_real_manager_drops_the_connection_and_restarts() {
+    let sim = ComfyUiSim::start(SimConfig::scaled(0.01)).await.unwrap();
+    sim.faults().set_reboot_without_response(true);
+    let b = sim.base_url();
+    let mut ws = Ws::connect(&sim, "rb").await;
+    assert_eq!(ws.next().await["type"], "status");
+    let r = client().get(format!("{b}/api/manager/reboot")).send().await;
+    assert!(r.is_err(), "no answer: {r:?}");
+    loop {
+        match ws.next_within(Duration::from_secs(5)).await {
+            Next::Closed => break,
+            Next::Timeout => panic!("socket survived the reboot"),
+            Next::Msg(_) => {}
+        }
+    }
+    wait_restarts(&sim, 1).await;
+    wait_ready(&sim).await;
+    // `restart()` itself returns once the server answers again.
+    sim.restart().await;
+    assert!(!sim.is_restarting());
+    assert_eq!(get(&client(), format!("{b}/api/queue")).await.status, 200);
+    assert_eq!(sim.stats().restarts, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_restart_delay_runs_on_tokio_time() {
+    let sim = ComfyUiSim::start(SimConfig::default().restart_delay(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let t0 = tokio::time::Instant::now();
+    sim.restart().await;
+    assert!(
+        t0.elapsed() >= Duration::from_secs(30),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(!sim.is_restarting());
+    assert_eq!(sim.stats().restarts, 1);
+    sim.shutdown().await;
+}

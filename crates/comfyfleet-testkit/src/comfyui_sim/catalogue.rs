@@ -288,6 +288,24 @@ pub(crate) fn custom(name: &str, output_node: bool) -> NodeDef {
     }
 }
 
+/// A class of a pack found in the custom nodes directory (module `custom_nodes.<module>`): the
+/// generic pass-through shape, with an optional `value` input of any type (other linked inputs
+/// are accepted too) and one `*` output.
+pub(crate) fn pack_node(name: &str, module: &str) -> NodeDef {
+    NodeDef {
+        inputs: vec![InputDef {
+            name: "value",
+            required: false,
+            ty: InType::Named("*"),
+            opts: Some(jobj! {}),
+        }],
+        outputs: vec!["*"],
+        category: format!("custom/{module}"),
+        python_module: format!("custom_nodes.{module}"),
+        ..base(name, Kind::Custom)
+    }
+}
+
 /// `NODE_CLASS_MAPPINGS`, in registration order.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Catalogue {

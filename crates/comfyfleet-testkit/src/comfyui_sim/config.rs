@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -42,6 +43,19 @@ pub struct SimConfig {
     pub node_durations: BTreeMap<String, Duration>,
     /// `--enable-cors-header ORIGIN`: replaces the Origin/Host 403 check by permissive CORS.
     pub cors_origin: Option<String>,
+    /// A ComfyUI `custom_nodes/` directory (e.g. where an installer `git clone`s packs). At start
+    /// and at every restart it is scanned like ComfyUI's loader does: each sub-directory (and
+    /// each `*.py` file) whose `__init__.py` defines `NODE_CLASS_MAPPINGS` adds the string-literal
+    /// keys of that dict as classes with `python_module` `custom_nodes.<folder>` (generic
+    /// pass-through nodes; a pack cannot replace a built-in class). Hidden entries,
+    /// `__pycache__` and `*.disabled` are skipped; a folder without `__init__.py` or without
+    /// `NODE_CLASS_MAPPINGS` is logged (`tracing` warn, ComfyUI's wording) and contributes
+    /// nothing. Packs added later show up only after a restart (`/manager/reboot`).
+    pub custom_nodes_dir: Option<PathBuf>,
+    /// How long a restart ([`ComfyUiSim::restart`](super::ComfyUiSim::restart),
+    /// `/manager/reboot`) takes: meanwhile every HTTP request (and WebSocket upgrade) answers
+    /// 503. Default 1 s, scaled by `time_scale`.
+    pub restart_delay: Duration,
     /// Fault knobs at start (change them at run time through [`SimFaults`]).
     pub faults: FaultConfig,
 }
@@ -64,6 +78,8 @@ impl Default for SimConfig {
             interrupt_latency: Duration::from_millis(300),
             node_durations: BTreeMap::new(),
             cors_origin: None,
+            custom_nodes_dir: None,
+            restart_delay: Duration::from_secs(1),
             faults: FaultConfig::default(),
         }
     }
@@ -76,6 +92,18 @@ impl SimConfig {
             time_scale,
             ..SimConfig::default()
         }
+    }
+
+    /// Load custom node packs from `dir` (see [`SimConfig::custom_nodes_dir`]).
+    pub fn custom_nodes_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.custom_nodes_dir = Some(dir.into());
+        self
+    }
+
+    /// Set how long a restart takes (see [`SimConfig::restart_delay`]).
+    pub fn restart_delay(mut self, delay: Duration) -> Self {
+        self.restart_delay = delay;
+        self
     }
 }
 
@@ -172,6 +200,10 @@ pub struct FaultConfig {
     /// of its `clientId` unconditionally, so a newer socket with the same id stops receiving
     /// events. On by default (faithful); server-initiated closes unregister before the TCP close.
     pub reconnect_unregisters_new_socket: bool,
+    /// ComfyUI-Manager's real `/manager/reboot` `os.execv`s the process, so the request never
+    /// gets an answer: the connection just drops. Off by default: the simulator answers 200
+    /// first and restarts once the answer is sent.
+    pub reboot_without_response: bool,
 }
 
 impl Default for FaultConfig {
@@ -189,6 +221,7 @@ impl Default for FaultConfig {
             evict_history: Trigger::Never,
             interrupt_ignores_prompt_id: false,
             reconnect_unregisters_new_socket: true,
+            reboot_without_response: false,
         }
     }
 }
@@ -286,6 +319,11 @@ impl SimFaults {
         self.set(|f| f.reconnect_unregisters_new_socket = on);
     }
 
+    /// See [`FaultConfig::reboot_without_response`].
+    pub fn set_reboot_without_response(&self, on: bool) {
+        self.set(|f| f.reboot_without_response = on);
+    }
+
     /// Fire a trigger chosen by `pick`, consuming counts.
     pub(crate) fn fire(&self, pick: impl FnOnce(&mut FaultConfig) -> &mut Trigger) -> bool {
         let mut g = self.lock();
@@ -346,7 +384,8 @@ pub struct SimStats {
     pub ws_connections: u64,
     /// WebSocket JSON messages written to sockets.
     pub ws_messages_sent: u64,
-    /// Restarts (`restart()`).
+    /// Restarts (`restart()`, `restart_with_downtime()`, `/manager/reboot`), counted once the
+    /// old process is gone and the new one is starting.
     pub restarts: u64,
     /// Faults that fired (any knob).
     pub faults_fired: u64,

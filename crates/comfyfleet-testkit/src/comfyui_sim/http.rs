@@ -1,9 +1,10 @@
-//! aiohttp-like routing (with the `/api` alias), middlewares (Origin/Host 403, CORS, fault
-//! knobs) and every REST handler.
+//! aiohttp-like routing (with the `/api` alias), middlewares (the 503 of a restart, Origin/Host
+//! 403, CORS, fault knobs) and every REST handler, plus ComfyUI-Manager's `/manager/reboot`.
 
 use std::sync::Arc;
 
 use axum::Router;
+use futures::StreamExt;
 
 use crate::multipart::parse_multipart;
 use axum::body::{Body, Bytes};
@@ -16,7 +17,7 @@ use super::catalogue::node_info;
 use super::json::{self, J, Obj, jobj};
 use super::py;
 use super::queue::{QueueItem, heap_push, heapify};
-use super::server::Inner;
+use super::server::{self, Inner};
 use super::validate::{Rejected, validate_prompt};
 use super::ws;
 
@@ -120,6 +121,7 @@ enum Route {
     Queue,
     Interrupt,
     Free,
+    ManagerReboot,
 }
 
 fn match_route(path: &str) -> Option<(Route, &'static [Method], Option<String>)> {
@@ -143,6 +145,7 @@ fn match_route(path: &str) -> Option<(Route, &'static [Method], Option<String>)>
         "/queue" => Some((Route::Queue, GP)),
         "/interrupt" => Some((Route::Interrupt, P)),
         "/free" => Some((Route::Free, P)),
+        "/manager/reboot" => Some((Route::ManagerReboot, G)),
         _ => None,
     };
     if let Some((r, m)) = fixed {
@@ -285,6 +288,10 @@ async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
     };
     let matched = match_route(&route_path);
     let is_ws = matches!(matched, Some((Route::Ws, _, _)));
+    if inner.is_starting() {
+        // Restarting: the new process is still loading (a real one would not listen yet).
+        return status_text(503);
+    }
     if !is_ws && let Some(status) = inner.faults.http_error_for(&path) {
         inner.stat(|s| s.faults_fired += 1);
         return status_text(status);
@@ -476,10 +483,50 @@ async fn handle(
         }
         Route::Interrupt => post_interrupt(inner, req).await,
         Route::Free => post_free(inner, req).await,
+        Route::ManagerReboot => manager_reboot(inner).await,
     }
 }
 
 // ---- handlers ---------------------------------------------------------------------------------
+
+/// ComfyUI-Manager's `GET /manager/reboot`: 200, then a restart once the answer is out (with
+/// `reboot_without_response`: no answer, the connection drops, like the real `os.execv`).
+async fn manager_reboot(inner: &Arc<Inner>) -> Response {
+    // Every later request sees the restart at once, even before the old process is gone.
+    inner
+        .starting
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let silent = inner.faults.get().reboot_without_response;
+    let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
+    let task_inner = inner.clone();
+    tokio::spawn(async move {
+        if !silent {
+            // The body is dropped once written; give hyper a moment to flush it.
+            let _ = sent_rx.await;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        server::restart(&task_inner, std::time::Duration::ZERO).await;
+    });
+    if silent {
+        // The restart kills this connection (and this future with it).
+        return std::future::pending::<Response>().await;
+    }
+    let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(Bytes::new())]).map(
+        move |chunk| {
+            // Dropped with the body: tells the restart task the answer is out.
+            let _sent = &sent_tx;
+            chunk
+        },
+    );
+    let mut r = Response::new(Body::from_stream(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
 
 async fn websocket(app: &AppState, req: Request) -> Response {
     let (mut parts, _) = req.into_parts();

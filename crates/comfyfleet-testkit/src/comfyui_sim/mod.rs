@@ -20,11 +20,31 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Custom nodes: point [`SimConfig::custom_nodes_dir`] at a `custom_nodes/` directory and the
+//! packs in it (folders whose `__init__.py` defines `NODE_CLASS_MAPPINGS`) show up in
+//! `/object_info` with `python_module: "custom_nodes.<folder>"` and run as pass-through nodes.
+//! Packs installed later (say by `git clone` from an installer under test) appear after a
+//! restart, which ComfyUI-Manager's `GET /manager/reboot` (also under `/api`) triggers:
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use comfyfleet_testkit::comfyui_sim::{ComfyUiSim, SimConfig};
+//! let config = SimConfig::scaled(0.01)
+//!     .custom_nodes_dir("/tmp/ComfyUI/custom_nodes")
+//!     .restart_delay(std::time::Duration::from_secs(200)); // × 0.01: 2 s of 503s
+//! let sim = ComfyUiSim::start(config).await?;
+//! // … `git clone` a pack into /tmp/ComfyUI/custom_nodes, GET /api/manager/reboot …
+//! println!("{:?}", sim.custom_node_packs()); // [("ComfyUI-Foo", ["FooNode", …])]
+//! sim.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
 //! Time: every delay uses `tokio::time`, so a paused clock works; `SimConfig::time_scale` shrinks
 //! simulated durations for real-time tests.
 
 mod catalogue;
 mod config;
+mod custom_nodes;
 mod exec;
 mod files;
 mod http;
@@ -54,7 +74,8 @@ pub struct ComfyUiSim {
 }
 
 impl ComfyUiSim {
-    /// Bind `config.addr` and start serving.
+    /// Bind `config.addr`, load the custom nodes (if `config.custom_nodes_dir` is set) and start
+    /// serving.
     pub async fn start(config: SimConfig) -> io::Result<ComfyUiSim> {
         let listener = tokio::net::TcpListener::bind(config.addr).await?;
         let addr = listener.local_addr()?;
@@ -62,7 +83,9 @@ impl ComfyUiSim {
         if let Ok(mut a) = inner.addr.lock() {
             *a = addr;
         }
-        server::start_generation(&inner, listener);
+        server::set_listener(&inner, listener);
+        server::load_custom_nodes(&inner).await;
+        server::start_generation(&inner);
         Ok(ComfyUiSim { inner, addr })
     }
 
@@ -87,25 +110,31 @@ impl ComfyUiSim {
         &self.inner.faults
     }
 
-    /// Crash and restart: every connection is cut (HTTP and WebSocket), the running prompt dies
-    /// mid-node, and the queue, history, caches, prompt counter and interrupt flag are forgotten.
-    /// Files on the simulated disk survive (except `temp/`). The port is closed and re-bound.
+    /// Crash and restart (what a process restart, e.g. ComfyUI-Manager's `/manager/reboot`,
+    /// does): every connection is cut (HTTP and WebSocket), the running prompt dies mid-node,
+    /// and the queue, history, caches, prompt counter and interrupt flag are forgotten. Files on
+    /// the simulated disk survive (except `temp/`). Then, for [`SimConfig::restart_delay`], every
+    /// HTTP request answers 503 while the custom nodes directory is scanned again. Returns once
+    /// the server answers normally again.
     pub async fn restart(&self) {
         self.restart_with_downtime(Duration::ZERO).await;
     }
 
-    /// [`ComfyUiSim::restart`] with the port closed for `downtime` (connections are refused).
+    /// [`ComfyUiSim::restart`] with the port closed for `downtime` first (connections are
+    /// refused), then the `restart_delay` of 503s.
     pub async fn restart_with_downtime(&self, downtime: Duration) {
-        server::stop_generation(&self.inner).await;
-        server::reset_process(&self.inner);
-        self.inner.stat(|s| s.restarts += 1);
-        if !downtime.is_zero() {
-            tokio::time::sleep(downtime).await;
-        }
-        match server::bind(self.addr).await {
-            Ok(listener) => server::start_generation(&self.inner, listener),
-            Err(e) => tracing::error!("comfyui_sim: cannot re-bind {}: {e}", self.addr),
-        }
+        server::restart(&self.inner, downtime).await;
+    }
+
+    /// Whether a restart is under way (HTTP requests answer 503).
+    pub fn is_restarting(&self) -> bool {
+        self.inner.is_starting()
+    }
+
+    /// The custom node packs the last scan of [`SimConfig::custom_nodes_dir`] loaded: module name
+    /// (the folder) and its classes, in name order. Empty without a custom nodes directory.
+    pub fn custom_node_packs(&self) -> Vec<(String, Vec<String>)> {
+        self.inner.packs()
     }
 
     /// Close every WebSocket connection now (abruptly, no close frame). The server keeps
@@ -169,12 +198,12 @@ impl ComfyUiSim {
 
     /// Stop the server and wait until the port is closed.
     pub async fn shutdown(self) {
-        server::stop_generation(&self.inner).await;
+        server::shutdown(&self.inner).await;
     }
 }
 
 impl Drop for ComfyUiSim {
     fn drop(&mut self) {
-        server::abort_generation(&self.inner);
+        server::abort(&self.inner);
     }
 }

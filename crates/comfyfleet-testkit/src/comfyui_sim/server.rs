@@ -1,5 +1,6 @@
 //! Shared state of one simulated process, the FIFO event bus (`send_sync` + `publish_loop`),
-//! and the lifecycle: start, crash-and-restart, shutdown.
+//! and the lifecycle: start, crash-and-restart (with its 503 start-up window and the custom
+//! nodes rescan), shutdown.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,6 +21,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::catalogue::{self, Catalogue};
 use super::config::{SimConfig, SimFaults, SimStats};
+use super::custom_nodes::{self, Pack};
 use super::files::Files;
 use super::json::{J, jobj};
 use super::queue::{Cache, History, QueueItem};
@@ -115,6 +117,17 @@ pub(crate) struct Inner {
     runtime: Mutex<Option<Runtime>>,
     conn_seq: AtomicU64,
     pub(crate) addr: Mutex<SocketAddr>,
+    /// The bound port; it stays open across restarts (except a restart with downtime) so that
+    /// nothing else can take it.
+    listener: Mutex<Option<Arc<TcpListener>>>,
+    /// A restart is under way: every HTTP request answers 503.
+    pub(crate) starting: AtomicBool,
+    /// `shutdown()` or drop: no restart may bring the server back.
+    closed: AtomicBool,
+    /// One restart at a time.
+    restart_lock: tokio::sync::Mutex<()>,
+    /// What the last custom nodes scan loaded.
+    packs: Mutex<Vec<Pack>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,6 +177,11 @@ impl Inner {
             runtime: Mutex::new(None),
             conn_seq: AtomicU64::new(1),
             addr: Mutex::new(SocketAddr::from(([127, 0, 0, 1], 0))),
+            listener: Mutex::new(None),
+            starting: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            restart_lock: tokio::sync::Mutex::new(()),
+            packs: Mutex::new(Vec::new()),
         }
     }
 
@@ -191,6 +209,12 @@ impl Inner {
     }
     pub(crate) fn stats(&self) -> SimStats {
         lock(&self.stats).clone()
+    }
+    pub(crate) fn packs(&self) -> Vec<Pack> {
+        lock(&self.packs).clone()
+    }
+    pub(crate) fn is_starting(&self) -> bool {
+        self.starting.load(Ordering::SeqCst)
     }
     pub(crate) fn next_conn(&self) -> u64 {
         self.conn_seq.fetch_add(1, Ordering::Relaxed)
@@ -317,7 +341,7 @@ async fn publisher(inner: Arc<Inner>, mut rx: UnboundedReceiver<Outgoing>) {
 
 /// A listener whose connections all die when the generation is cancelled (crash semantics).
 struct KillableListener {
-    inner: TcpListener,
+    inner: Arc<TcpListener>,
     generation: CancellationToken,
 }
 
@@ -405,8 +429,17 @@ impl AsyncWrite for KillableIo {
     }
 }
 
-/// Start a process generation on `listener`: publisher, worker, HTTP server.
-pub(crate) fn start_generation(inner: &Arc<Inner>, listener: TcpListener) {
+/// Keep `listener` as the server's port.
+pub(crate) fn set_listener(inner: &Inner, listener: TcpListener) {
+    *lock(&inner.listener) = Some(Arc::new(listener));
+}
+
+/// Start a process generation on the server's port: publisher, worker, HTTP server.
+pub(crate) fn start_generation(inner: &Arc<Inner>) {
+    let Some(listener) = lock(&inner.listener).clone() else {
+        tracing::error!("comfyui_sim: no port to serve on");
+        return;
+    };
     let generation = CancellationToken::new();
     let (tx, rx) = unbounded_channel();
     *lock(&inner.bus) = Some(tx);
@@ -453,9 +486,95 @@ pub(crate) async fn stop_generation(inner: &Inner) {
     }
 }
 
-/// Stop without waiting (for `Drop`).
-pub(crate) fn abort_generation(inner: &Inner) {
+/// Stop for good and wait until the port is closed.
+pub(crate) async fn shutdown(inner: &Inner) {
+    inner.closed.store(true, Ordering::SeqCst);
+    stop_generation(inner).await;
+    *lock(&inner.listener) = None;
+}
+
+/// Stop for good without waiting (for `Drop`).
+pub(crate) fn abort(inner: &Inner) {
+    inner.closed.store(true, Ordering::SeqCst);
     let _ = kill_generation(inner);
+    *lock(&inner.listener) = None;
+}
+
+/// Scan [`SimConfig::custom_nodes_dir`] and replace the classes the previous scan added by what
+/// is there now (`init_external_custom_nodes`: built-in names are never replaced).
+pub(crate) async fn load_custom_nodes(inner: &Inner) {
+    let Some(dir) = inner.config.custom_nodes_dir.clone() else {
+        return;
+    };
+    let packs = tokio::task::spawn_blocking(move || custom_nodes::scan(&dir))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!("comfyui_sim: custom nodes scan failed: {e}");
+            Vec::new()
+        });
+    let builtin = |name: &str| {
+        inner.config.node_classes.iter().any(|n| n == name) && catalogue::builtin(name).is_some()
+    };
+    let mut old = lock(&inner.packs);
+    let mut cat = inner.catalogue_mut();
+    for (_, classes) in old.iter() {
+        for class in classes {
+            if builtin(class) {
+                continue;
+            }
+            cat.remove(class);
+            if let Some(output) = inner.config.extra_node_classes.get(class) {
+                cat.insert(catalogue::custom(class, *output));
+            }
+        }
+    }
+    for (module, classes) in &packs {
+        for class in classes {
+            if !builtin(class) {
+                cat.insert(catalogue::pack_node(class, module));
+            }
+        }
+        tracing::info!(
+            "comfyui_sim: custom nodes {module}: {} classes",
+            classes.len()
+        );
+    }
+    *old = packs;
+}
+
+/// Crash and start again: every connection dies, the process state is forgotten, the port is
+/// closed for `downtime` (connections refused), then for `restart_delay` every request answers
+/// 503 while custom nodes load; returns once the server is ready again.
+pub(crate) async fn restart(inner: &Arc<Inner>, downtime: Duration) {
+    let _one = inner.restart_lock.lock().await;
+    if inner.closed.load(Ordering::SeqCst) {
+        return;
+    }
+    inner.starting.store(true, Ordering::SeqCst);
+    stop_generation(inner).await;
+    reset_process(inner);
+    if !downtime.is_zero() {
+        *lock(&inner.listener) = None;
+        tokio::time::sleep(downtime).await;
+        let addr = *lock(&inner.addr);
+        match bind(addr).await {
+            Ok(listener) => set_listener(inner, listener),
+            Err(e) => {
+                tracing::error!("comfyui_sim: cannot re-bind {addr}: {e}");
+                inner.starting.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+    if inner.closed.load(Ordering::SeqCst) {
+        *lock(&inner.listener) = None;
+        return;
+    }
+    start_generation(inner);
+    inner.stat(|s| s.restarts += 1);
+    tokio::time::sleep(inner.scaled(inner.config.restart_delay)).await;
+    load_custom_nodes(inner).await;
+    inner.starting.store(false, Ordering::SeqCst);
 }
 
 /// Forget everything a process holds in RAM; files stay (except `temp/`).
