@@ -86,6 +86,13 @@ const REQUIREMENTS: &[Requirement] = &[
         check: || Path::new("/usr/sbin/sshd").exists(),
         install: &[apt_install!["openssh-server"]],
     },
+    // `TestSshd` generates its keys with `ssh-keygen`, and the agent-authentication tests
+    // (`comfyfleet-ssh/tests/it/agent.rs`) run their own `ssh-agent` and load it with `ssh-add`.
+    Requirement {
+        name: "openssh-client",
+        check: || on_path("ssh-keygen") && on_path("ssh-agent") && on_path("ssh-add"),
+        install: &[apt_install!["openssh-client"]],
+    },
 ];
 
 /// `cargo xtask setup`.

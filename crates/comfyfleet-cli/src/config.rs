@@ -41,6 +41,9 @@ pub struct FileConfig {
     /// Cloud spill-over (`[spill_over]`).
     #[serde(default)]
     pub spill_over: Option<comfyfleet::SpillOverSettings>,
+    /// Registry file for custom-node installs by name.
+    #[serde(default)]
+    pub install_registry: Option<std::path::PathBuf>,
 }
 
 fn default_store() -> String {
@@ -212,6 +215,7 @@ impl FileConfig {
             backends: self.backends.clone(),
             engine: self.engine.clone(),
             spill_over: self.spill_over.clone(),
+            install_registry: self.install_registry.clone(),
         }
     }
 

@@ -11,18 +11,59 @@
 //! * [`RemoteProcess::cancel`] kills the remote process group: the command runs on a PTY and the
 //!   channel is closed, so the hangup reaches the whole group (OpenSSH ignores the `signal`
 //!   request for root logins). On a PTY stderr is merged into stdout; [`ExecOptions::pty`]
-//!   `= false` keeps them apart, at the cost of a weaker cancel.
+//!   `= false` keeps them apart, at the cost of a weaker cancel;
+//! * [`SshKey::Agent`] authenticates through a running `ssh-agent` (its socket, or
+//!   `$SSH_AUTH_SOCK`), trying each identity it holds; the private keys never leave the agent;
+//! * [`SshClient::forward_local`] forwards a loopback port to a host:port reachable from the
+//!   server (`direct-tcpip`, like `ssh -L`), e.g. a ComfyUI that listens on the instance's
+//!   `127.0.0.1:8188` only; see [`Forward`];
+//! * [`SshSession`] keeps one connection alive across drops: [`SshSession::client`] reconnects
+//!   (single-flight, exponential backoff, see [`ReconnectPolicy`]; host-key and authentication
+//!   errors are permanent and never retried), and [`SshSession::forward_local`] keeps the same
+//!   local port across reconnects, so an HTTP client pointed at it keeps working.
 //!
 //! Keys and passphrases are [`SecretString`]s: they never appear in `Debug` output, errors or logs.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), comfyfleet_ssh::SshError> {
+//! use comfyfleet_ssh::{SshKey, SshSession, SshTarget};
+//!
+//! let target = SshTarget::new(
+//!     "gpu-1.example.net",
+//!     22,
+//!     "root",
+//!     SshKey::Agent { socket: None },
+//!     "/home/me/.ssh/known_hosts",
+//! );
+//! let session = SshSession::new(target);
+//! // ComfyUI listens on the instance's loopback only: reach it through the SSH connection.
+//! let comfyui = session.forward_local("127.0.0.1", 8188).await?;
+//! println!("ComfyUI at http://{}", comfyui.local_addr());
+//! let out = session.run(&["nvidia-smi".to_owned()], Default::default()).await?;
+//! assert!(out.status.success());
+//! # Ok(())
+//! # }
+//! ```
 
 #![deny(missing_docs)]
 
+pub mod backend;
+pub mod installer;
+
+mod forward;
+mod session;
+
+pub use forward::Forward;
+pub use session::{ReconnectPolicy, SshSession};
+
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use russh::client;
+use russh::keys::agent::AgentIdentity;
+use russh::keys::agent::client::AgentClient;
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Pty};
 use secrecy::{ExposeSecret, SecretString};
@@ -31,6 +72,12 @@ use tokio::sync::{mpsc, watch};
 /// The private key to authenticate with.
 #[derive(Debug, Clone)]
 pub enum SshKey {
+    /// The identities of a running `ssh-agent`, tried in the agent's order. The private keys stay
+    /// in the agent: only signatures cross its socket.
+    Agent {
+        /// The agent's socket; `None` = the `SSH_AUTH_SOCK` environment variable.
+        socket: Option<PathBuf>,
+    },
     /// An OpenSSH/PEM private key file.
     File {
         /// Path of the private key.
@@ -151,6 +198,12 @@ pub enum SshError {
     /// The private key could not be loaded or decrypted.
     #[error("cannot load the private key: {0}")]
     Key(String),
+    /// The ssh agent is not configured, unreachable, or failed (never carries key material).
+    #[error("ssh agent: {0}")]
+    Agent(String),
+    /// The SSH connection is gone (closed by either side, or cut).
+    #[error("the ssh connection is closed")]
+    Disconnected,
     /// A command argument cannot be passed (it contains a NUL byte), or the argv is empty.
     #[error("invalid command argument: {0}")]
     InvalidArgument(String),
@@ -171,8 +224,38 @@ impl From<russh::Error> for SshError {
                 what: "ssh connection (keepalives unanswered)",
                 after: None,
             },
+            russh::Error::SendError
+            | russh::Error::RecvError
+            | russh::Error::Disconnect
+            | russh::Error::HUP => SshError::Disconnected,
             other => SshError::Protocol(other.to_string()),
         }
+    }
+}
+
+impl SshError {
+    /// `true` when trying again cannot help without a configuration change: the host key is
+    /// wrong or unknown, the key or agent is unusable, authentication was refused, or an argument
+    /// is invalid. [`SshSession`] never retries these.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            SshError::HostKeyMismatch { .. }
+                | SshError::UnknownHost { .. }
+                | SshError::AuthFailed { .. }
+                | SshError::Key(_)
+                | SshError::Agent(_)
+                | SshError::InvalidArgument(_)
+        )
+    }
+
+    /// `true` when the error says the connection itself is unusable (closed, reset, timed out),
+    /// as opposed to a refusal of one request on a working connection.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            SshError::Disconnected | SshError::Io(_) | SshError::Timeout { .. }
+        )
     }
 }
 
@@ -221,7 +304,7 @@ pub fn shell_command(argv: &[String]) -> Result<String, SshError> {
     Ok(quoted.join(" "))
 }
 
-struct Verifier {
+pub(crate) struct Verifier {
     host: String,
     port: u16,
     known_hosts: PathBuf,
@@ -290,8 +373,41 @@ impl client::Handler for Verifier {
     }
 }
 
-fn load_key(key: &SshKey) -> Result<russh::keys::PrivateKey, SshError> {
+/// What [`SshClient::connect`] authenticates with.
+enum Credentials {
+    Key(Arc<russh::keys::PrivateKey>),
+    Agent(AgentClient<tokio::net::UnixStream>),
+}
+
+/// The agent socket to use: the configured one, else `$SSH_AUTH_SOCK` (`env`).
+fn agent_socket(
+    socket: Option<&Path>,
+    env: Option<std::ffi::OsString>,
+) -> Result<PathBuf, SshError> {
+    match (socket, env) {
+        (Some(path), _) => Ok(path.to_owned()),
+        (None, Some(var)) if !var.is_empty() => Ok(PathBuf::from(var)),
+        (None, _) => Err(SshError::Agent(
+            "no agent socket configured and SSH_AUTH_SOCK is not set".to_owned(),
+        )),
+    }
+}
+
+async fn connect_agent(
+    socket: Option<&Path>,
+) -> Result<AgentClient<tokio::net::UnixStream>, SshError> {
+    let path = agent_socket(socket, std::env::var_os("SSH_AUTH_SOCK"))?;
+    AgentClient::connect_uds(&path)
+        .await
+        .map_err(|e| SshError::Agent(format!("cannot reach the agent at {}: {e}", path.display())))
+}
+
+/// Loads the key, or connects to the agent.
+async fn load_credentials(key: &SshKey) -> Result<Credentials, SshError> {
     let res = match key {
+        SshKey::Agent { socket } => {
+            return Ok(Credentials::Agent(connect_agent(socket.as_deref()).await?));
+        }
         SshKey::File { path, passphrase } => {
             russh::keys::load_secret_key(path, passphrase.as_ref().map(|p| p.expose_secret()))
         }
@@ -303,17 +419,20 @@ fn load_key(key: &SshKey) -> Result<russh::keys::PrivateKey, SshError> {
             passphrase.as_ref().map(|p| p.expose_secret()),
         ),
     };
-    res.map_err(|e| SshError::Key(e.to_string()))
+    res.map(|key| Credentials::Key(Arc::new(key)))
+        .map_err(|e| SshError::Key(e.to_string()))
 }
 
 /// A connected, authenticated SSH session. Cheap to share behind an `Arc`; every
 /// [`exec`](SshClient::exec) opens a new channel on the same connection.
 pub struct SshClient {
-    handle: client::Handle<Verifier>,
+    // Shared (weakly) with the forwards of this client; they never keep the connection alive.
+    handle: Arc<client::Handle<Verifier>>,
     host: String,
     port: u16,
     user: String,
     command_timeout: Option<Duration>,
+    connect_timeout: Duration,
 }
 
 impl fmt::Debug for SshClient {
@@ -350,7 +469,6 @@ impl SshClient {
     /// Connects, verifies the host key and authenticates, all within
     /// [`SshTarget::connect_timeout`].
     pub async fn connect(target: &SshTarget) -> Result<SshClient, SshError> {
-        let key = load_key(&target.key)?;
         let config = Arc::new(client::Config {
             keepalive_interval: target.keepalive_interval,
             keepalive_max: target.keepalive_max,
@@ -364,16 +482,24 @@ impl SshClient {
             tofu: target.trust_on_first_use,
         };
         let work = async {
+            // Credentials come first: a missing key or agent fails before any network traffic.
+            let credentials = load_credentials(&target.key).await?;
             let mut handle =
                 client::connect(config, (target.host.as_str(), target.port), verifier).await?;
             let hash = handle.best_supported_rsa_hash().await?.flatten();
-            let auth = handle
-                .authenticate_publickey(
-                    target.user.clone(),
-                    PrivateKeyWithHashAlg::new(Arc::new(key), hash),
-                )
-                .await?;
-            if !auth.success() {
+            let ok = match credentials {
+                Credentials::Key(key) => handle
+                    .authenticate_publickey(
+                        target.user.clone(),
+                        PrivateKeyWithHashAlg::new(key, hash),
+                    )
+                    .await?
+                    .success(),
+                Credentials::Agent(agent) => {
+                    authenticate_with_agent(&mut handle, &target.user, agent, hash).await?
+                }
+            };
+            if !ok {
                 return Err(SshError::AuthFailed {
                     user: target.user.clone(),
                     host: target.host.clone(),
@@ -389,12 +515,60 @@ impl SshClient {
             })??;
         tracing::debug!(host = %target.host, port = target.port, user = %target.user, "ssh connected");
         Ok(SshClient {
-            handle,
+            handle: Arc::new(handle),
             host: target.host.clone(),
             port: target.port,
             user: target.user.clone(),
             command_timeout: target.command_timeout,
+            connect_timeout: target.connect_timeout,
         })
+    }
+
+    /// Forwards a new loopback port (`127.0.0.1:0`, see [`Forward::local_addr`]) to
+    /// `remote_host:remote_port` as seen from the server, like `ssh -L`: each accepted TCP
+    /// connection becomes a `direct-tcpip` channel on this connection.
+    ///
+    /// The forward does not keep the connection alive: once this client is closed or dropped,
+    /// accepted connections are closed at once. For a forward that survives reconnects, see
+    /// [`SshSession::forward_local`]. Dropping the [`Forward`] stops it.
+    pub async fn forward_local(
+        &self,
+        remote_host: &str,
+        remote_port: u16,
+    ) -> Result<Forward, SshError> {
+        forward::Forward::bind(
+            forward::Opener::Client {
+                handle: Arc::downgrade(&self.handle),
+                timeout: self.connect_timeout,
+            },
+            remote_host,
+            remote_port,
+        )
+        .await
+    }
+
+    /// Opens a `direct-tcpip` channel to `host:port` (as seen from the server), within the
+    /// connect timeout.
+    pub(crate) async fn open_direct_tcpip(
+        &self,
+        host: &str,
+        port: u16,
+        originator: std::net::SocketAddr,
+    ) -> Result<russh::Channel<client::Msg>, SshError> {
+        open_direct_tcpip(&self.handle, self.connect_timeout, host, port, originator).await
+    }
+
+    /// Opens a session channel (the step of [`exec_with`](SshClient::exec_with) that cannot have
+    /// started anything remotely yet, so it is safe to retry on another connection).
+    pub(crate) async fn open_session(&self) -> Result<russh::Channel<client::Msg>, SshError> {
+        let open = self.handle.channel_open_session();
+        match tokio::time::timeout(self.connect_timeout, open).await {
+            Ok(res) => Ok(res?),
+            Err(_) => Err(SshError::Timeout {
+                what: "opening an ssh channel",
+                after: Some(self.connect_timeout),
+            }),
+        }
     }
 
     /// Runs `argv` (each argument shell-quoted) on a PTY; see [`exec_with`](SshClient::exec_with).
@@ -409,7 +583,17 @@ impl SshClient {
         opts: ExecOptions,
     ) -> Result<RemoteProcess, SshError> {
         let command = shell_command(argv)?;
-        let channel = self.handle.channel_open_session().await?;
+        let channel = self.open_session().await?;
+        self.start(channel, command, opts).await
+    }
+
+    /// Starts `command` (already quoted) on a freshly opened session channel.
+    pub(crate) async fn start(
+        &self,
+        channel: russh::Channel<client::Msg>,
+        command: String,
+        opts: ExecOptions,
+    ) -> Result<RemoteProcess, SshError> {
         if opts.pty {
             channel
                 .request_pty(
@@ -450,6 +634,71 @@ impl SshClient {
     /// `true` once the connection is gone.
     pub fn is_closed(&self) -> bool {
         self.handle.is_closed()
+    }
+}
+
+/// Opens a `direct-tcpip` channel on `handle` within `timeout`.
+pub(crate) async fn open_direct_tcpip(
+    handle: &client::Handle<Verifier>,
+    timeout: Duration,
+    host: &str,
+    port: u16,
+    originator: std::net::SocketAddr,
+) -> Result<russh::Channel<client::Msg>, SshError> {
+    let open = handle.channel_open_direct_tcpip(
+        host,
+        u32::from(port),
+        originator.ip().to_string(),
+        u32::from(originator.port()),
+    );
+    match tokio::time::timeout(timeout, open).await {
+        Ok(res) => Ok(res?),
+        Err(_) => Err(SshError::Timeout {
+            what: "opening a direct-tcpip channel",
+            after: Some(timeout),
+        }),
+    }
+}
+
+/// Tries each identity of the agent in turn; `Ok(false)` when the server accepted none.
+async fn authenticate_with_agent(
+    handle: &mut client::Handle<Verifier>,
+    user: &str,
+    mut agent: AgentClient<tokio::net::UnixStream>,
+    rsa_hash: Option<russh::keys::HashAlg>,
+) -> Result<bool, SshError> {
+    let identities = agent
+        .request_identities()
+        .await
+        .map_err(|e| SshError::Agent(format!("listing the agent's identities: {e}")))?;
+    let mut sign_error = None;
+    for identity in identities {
+        // Certificates come with their plain key in the agent; the plain key is enough here.
+        let AgentIdentity::PublicKey { key, .. } = identity else {
+            continue;
+        };
+        let hash = if key.algorithm().is_rsa() {
+            rsa_hash
+        } else {
+            None
+        };
+        match handle
+            .authenticate_publickey_with(user, key, hash, &mut agent)
+            .await
+        {
+            Ok(res) if res.success() => return Ok(true),
+            Ok(_) => {}
+            Err(russh::AgentAuthError::Send(_)) => return Err(SshError::Disconnected),
+            // The server would take this key but the agent did not sign: try the next one.
+            Err(russh::AgentAuthError::Key(e)) => {
+                tracing::debug!(error = %e, "the ssh agent did not sign");
+                sign_error = Some(e.to_string());
+            }
+        }
+    }
+    match sign_error {
+        Some(e) => Err(SshError::Agent(format!("the agent could not sign: {e}"))),
+        None => Ok(false),
     }
 }
 
@@ -677,6 +926,40 @@ mod tests {
         assert_eq!(shell_quote("it's")?, "'it'\\''s'");
         assert!(shell_quote("a\0b").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn agent_socket_falls_back_to_ssh_auth_sock() -> Result<(), SshError> {
+        let env = Some(std::ffi::OsString::from("/run/agent.sock"));
+        assert_eq!(
+            agent_socket(Some(Path::new("/x.sock")), env.clone())?,
+            Path::new("/x.sock")
+        );
+        assert_eq!(agent_socket(None, env)?, Path::new("/run/agent.sock"));
+        for unset in [None, Some(std::ffi::OsString::new())] {
+            let err = agent_socket(None, unset).map(drop);
+            assert!(
+                matches!(&err, Err(SshError::Agent(m)) if m.contains("SSH_AUTH_SOCK")),
+                "{err:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn permanent_and_connection_errors() {
+        assert!(
+            SshError::AuthFailed {
+                user: "u".into(),
+                host: "h".into()
+            }
+            .is_permanent()
+        );
+        assert!(SshError::Agent("x".into()).is_permanent());
+        assert!(!SshError::Disconnected.is_permanent());
+        assert!(SshError::Disconnected.is_connection_lost());
+        assert!(SshError::from(russh::Error::SendError).is_connection_lost());
+        assert!(!SshError::Protocol("refused".into()).is_connection_lost());
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //!   type, slow cancel, a node that ignores cancel);
 //! * [`store_conformance`] — the public conformance suite every [`comfyfleet_core::TaskStore`]
 //!   must pass, including a model-based property test of random operation sequences;
+//! * [`install_store_conformance()`] — the public conformance suite every
+//!   [`comfyfleet_core::InstallStore`] must pass;
 //! * [`backend_conformance`] — the public conformance suite for backends;
 //! * [`ComfyUiSim`] — an in-process ComfyUI 0.3.64 server on loopback (HTTP + WebSocket) with
 //!   fault knobs, faithful to recorded traces.
@@ -17,6 +19,8 @@
 pub mod backend_conformance;
 pub mod comfyui_sim;
 pub mod fake;
+pub mod install_store_conformance;
+pub mod instance;
 mod multipart;
 pub mod runninghub_sim;
 pub mod sshd;
@@ -26,5 +30,9 @@ pub mod workflows;
 pub use backend_conformance::{BackendFixtures, backend_conformance};
 pub use comfyui_sim::{ComfyUiSim, SimConfig, SimFaults, SimStats};
 pub use fake::{FakeBackend, FakeBackendBuilder, FakeStats, Fault};
+pub use install_store_conformance::{
+    InstallStoreFactory, install_prune_conformance, install_store_conformance,
+};
+pub use instance::TestInstance;
 pub use runninghub_sim::{RunningHubFaults, RunningHubSim, RunningHubSimConfig, RunningHubStats};
 pub use store_conformance::{StoreFactory, store_conformance, store_model_test};

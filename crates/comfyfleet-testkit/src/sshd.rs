@@ -4,9 +4,12 @@
 //! Each instance has its own temp dir holding an ed25519 host key, an authorized ed25519 client
 //! key pair, a temp home dir, `authorized_keys`, the config and the log. It runs as the current
 //! user (root on CI machines) with `StrictModes no`, `UsePAM no`, `PasswordAuthentication no` and
-//! `PermitRootLogin prohibit-password`. The server is killed on drop.
+//! `PermitRootLogin prohibit-password`, and allows TCP forwarding (`AllowTcpForwarding yes`, for
+//! `direct-tcpip` tests). [`TestSshd::cut_connections`] kills the live connections' processes
+//! while the server keeps listening, to test reconnects. The server is killed on drop.
 //!
-//! Install the binary with `cargo xtask setup` (the `openssh-server` requirement).
+//! Install the binaries with `cargo xtask setup` (the `openssh-server` and `openssh-client`
+//! requirements: `sshd`, and `ssh-keygen`, `ssh-agent`, `ssh-add`).
 
 use std::fmt;
 use std::io;
@@ -256,9 +259,112 @@ impl TestSshd {
         self.dir.path()
     }
 
+    /// Cuts every live SSH connection, the way a network drop or a server-side crash would: the
+    /// per-connection sshd processes (the listener's children, and their descendants: privilege
+    /// separation child, shells, commands) are killed with SIGKILL, so no disconnect message is
+    /// sent. The listening sshd keeps running and accepts new connections.
+    ///
+    /// Returns once the killed processes are dead (their sockets closed), with how many there
+    /// were. Runs on a blocking thread.
+    pub async fn cut_connections(&self) -> io::Result<usize> {
+        let pid = self.child.id();
+        tokio::task::spawn_blocking(move || cut_descendants(pid))
+            .await
+            .map_err(|e| io::Error::other(format!("cut task: {e}")))?
+    }
+
+    /// [`TestSshd::cut_connections`] for synchronous code.
+    pub fn cut_connections_blocking(&self) -> io::Result<usize> {
+        cut_descendants(self.child.id())
+    }
+
     /// The server's log so far (`sshd -e` output).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+}
+
+/// `(pid, ppid, state)` of every process, from `/proc/*/stat`.
+fn process_table() -> io::Result<Vec<(u32, u32, char)>> {
+    let mut table = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Processes come and go while we read: a vanished one is simply skipped.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some((state, ppid)) = parse_stat(&stat) {
+            table.push((pid, ppid, state));
+        }
+    }
+    Ok(table)
+}
+
+/// State and parent pid from a `/proc/PID/stat` line: `pid (comm) S ppid …`, where `comm` may
+/// itself contain spaces and parentheses (hence the last `)`).
+fn parse_stat(stat: &str) -> Option<(char, u32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Every live (non-zombie) descendant of `root`.
+fn descendants(root: u32) -> io::Result<Vec<u32>> {
+    let table = process_table()?;
+    let mut found = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for &(pid, ppid, state) in &table {
+            if ppid == parent && state != 'Z' && !found.contains(&pid) {
+                found.push(pid);
+                frontier.push(pid);
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn cut_descendants(root: u32) -> io::Result<usize> {
+    let victims = descendants(root)?;
+    if victims.is_empty() {
+        return Ok(0);
+    }
+    // `kill` exits non-zero when a process already exited on its own: that is fine.
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(victims.iter().map(u32::to_string))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    // Dead means gone or a zombie: either way its file descriptors (the connection) are closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: Vec<u32> = process_table()?
+            .into_iter()
+            .filter(|&(pid, _, state)| state != 'Z' && victims.contains(&pid))
+            .map(|(pid, _, _)| pid)
+            .collect();
+        if alive.is_empty() {
+            return Ok(victims.len());
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("sshd connection processes {alive:?} survived SIGKILL for 10 s"),
+            ));
+        }
+        // Synchronous by design: runs on a blocking thread.
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -272,6 +378,15 @@ impl Drop for TestSshd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_proc_stat() {
+        assert_eq!(
+            parse_stat("42 (sshd: root@notty (x)) S 7 42 42 0 -1"),
+            Some(('S', 7))
+        );
+        assert_eq!(parse_stat("garbage"), None);
+    }
 
     #[test]
     fn starts_and_accepts_the_system_ssh_client() -> io::Result<()> {

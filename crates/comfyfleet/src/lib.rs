@@ -34,6 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod inputs;
+#[cfg(feature = "ssh")]
+mod ssh;
 pub use inputs::DirInputs;
 
 use serde::Deserialize;
@@ -47,6 +49,13 @@ pub use comfyfleet_engine as engine;
 pub use comfyfleet_engine::{Engine, EngineConfig, SmartFailover, SmartFailoverConfig};
 #[cfg(feature = "simulated")]
 pub use comfyfleet_testkit as testkit;
+
+#[cfg(feature = "ssh")]
+pub use comfyfleet_ssh as ssh_client;
+#[cfg(feature = "ssh")]
+pub use comfyfleet_ssh::installer::{InstallError, Registry, SshInstaller};
+#[cfg(feature = "ssh")]
+pub use ssh::SshInstance;
 
 /// Why a fleet could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +278,9 @@ pub enum BackendConfig {
     /// A RunningHub account (feature `runninghub`).
     #[serde(rename = "runninghub")]
     RunningHub(RunningHubAccount),
+    /// A remote GPU instance over SSH (feature `ssh`).
+    #[cfg(feature = "ssh")]
+    Ssh(SshInstance),
 }
 
 /// Engine settings as they appear in configuration (seconds).
@@ -359,12 +371,20 @@ pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
 /// Opens the store a URL names: `memory:`, or `sqlite:PATH` (feature `sqlite`; the directory is
 /// created if missing). `postgres://` arrives with its store crate.
 pub async fn open_store(url: &str) -> Result<Arc<dyn TaskStore>, FleetError> {
+    Ok(open_stores(url).await?.0)
+}
+
+/// [`open_store`], plus the same store as an [`InstallStore`](comfyfleet_core::InstallStore).
+pub async fn open_stores(
+    url: &str,
+) -> Result<(Arc<dyn TaskStore>, Arc<dyn comfyfleet_core::InstallStore>), FleetError> {
     let err = |reason: String| FleetError::Store {
         url: url.to_owned(),
         reason,
     };
     if url == "memory:" {
-        return Ok(Arc::new(MemoryStore::new()));
+        let store = Arc::new(MemoryStore::new());
+        return Ok((store.clone(), store));
     }
     if let Some(path) = sqlite_path(url) {
         #[cfg(feature = "sqlite")]
@@ -373,10 +393,12 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn TaskStore>, FleetError> {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
             }
-            let store = comfyfleet_store_sqlite::SqliteStore::open(&path)
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            return Ok(Arc::new(store));
+            let store = Arc::new(
+                comfyfleet_store_sqlite::SqliteStore::open(&path)
+                    .await
+                    .map_err(|e| err(e.to_string()))?,
+            );
+            return Ok((store.clone(), store));
         }
         #[cfg(not(feature = "sqlite"))]
         return Err(err(format!(
@@ -407,6 +429,9 @@ pub struct FleetConfig {
     /// their labels say otherwise) only when the owned GPUs' expected wait is long. `None`
     /// (default): every backend is used alike.
     pub spill_over: Option<SpillOverSettings>,
+    /// A registry file for custom-node installs by name (`{"packs": {name: {git, rev,
+    /// classes}}}`; see `docs/backends/ssh.md`).
+    pub install_registry: Option<std::path::PathBuf>,
 }
 
 impl Default for FleetConfig {
@@ -416,6 +441,7 @@ impl Default for FleetConfig {
             backends: Vec::new(),
             engine: EngineSettings::default(),
             spill_over: None,
+            install_registry: None,
         }
     }
 }
@@ -458,6 +484,8 @@ impl SpillOverSettings {
 pub struct Fleet {
     engine: Engine,
     simulated: Vec<(String, Arc<dyn Backend>)>,
+    #[cfg(feature = "ssh")]
+    installer: Option<SshInstaller>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -475,10 +503,27 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// Builds the store and backends from `config` and starts the engine.
     pub async fn start(config: FleetConfig) -> Result<Fleet, FleetError> {
-        let store = open_store(&config.store).await?;
+        #[cfg_attr(not(feature = "ssh"), allow(unused_variables))]
+        let (store, install_store) = open_stores(&config.store).await?;
         let mut backends: Vec<(String, Arc<dyn Backend>)> = Vec::new();
+        #[cfg(feature = "ssh")]
+        let mut instances = Vec::new();
         for b in &config.backends {
+            #[cfg(feature = "ssh")]
+            if let BackendConfig::Ssh(s) = b {
+                let built = s.build(&|var| std::env::var(var).ok()).await?;
+                backends.push((s.id.clone(), Arc::new(built.backend) as Arc<dyn Backend>));
+                instances.push((built.instance, built.session));
+                continue;
+            }
             backends.push(build_backend(b)?);
+        }
+        #[cfg(not(feature = "ssh"))]
+        if config.install_registry.is_some() {
+            return Err(FleetError::Backend {
+                id: "install_registry".into(),
+                reason: "installs need the `ssh` feature".into(),
+            });
         }
         let e = &config.engine;
         let engine_config = EngineConfig {
@@ -525,15 +570,53 @@ impl Fleet {
         }
         let engine = builder.build()?;
         engine.start();
+        #[cfg(feature = "ssh")]
+        let installer = if instances.is_empty() {
+            None
+        } else {
+            let registry = match &config.install_registry {
+                Some(path) => Registry::from_file(path).map_err(|e| FleetError::Backend {
+                    id: "install_registry".into(),
+                    reason: e.to_string(),
+                })?,
+                None => Registry::default(),
+            };
+            let refresh = engine.clone();
+            let mut b = SshInstaller::builder(install_store)
+                .registry(registry)
+                // New packs change what the instance can run: refresh the catalogues now, so
+                // missing-node routing sees them without waiting for the next interval.
+                .on_installed(move |_instance| {
+                    let engine = refresh.clone();
+                    tokio::spawn(async move { engine.refresh_inventories().await });
+                });
+            for (instance, session) in instances {
+                b = b.instance(instance, session);
+            }
+            let installer = b.build();
+            // Installs an earlier run left unfinished continue (and end in their true state).
+            if let Err(e) = installer.recover().await {
+                tracing::warn!(error = %e, "resuming unfinished installs failed");
+            }
+            Some(installer)
+        };
         Ok(Fleet {
             engine,
             simulated: backends,
+            #[cfg(feature = "ssh")]
+            installer,
         })
     }
 
     /// The engine: submit, cancel, subscribe, inspect.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The custom-node installer, when the fleet has SSH instances (feature `ssh`).
+    #[cfg(feature = "ssh")]
+    pub fn installer(&self) -> Option<&SshInstaller> {
+        self.installer.as_ref()
     }
 
     /// The backends as built.
@@ -544,12 +627,23 @@ impl Fleet {
     /// Stops taking work and waits (up to 10 s) for running attempts; the rest are handed back
     /// for reattachment.
     pub async fn shutdown(&self) {
+        // Installs stay `running` in the store and resume at the next start.
+        #[cfg(feature = "ssh")]
+        if let Some(i) = &self.installer {
+            i.shutdown();
+        }
         self.engine.shutdown(Duration::from_secs(10)).await;
     }
 }
 
 fn build_backend(config: &BackendConfig) -> Result<(String, Arc<dyn Backend>), FleetError> {
     match config {
+        // Built by `Fleet::start` (it needs to bind a port).
+        #[cfg(feature = "ssh")]
+        BackendConfig::Ssh(s) => Err(FleetError::Backend {
+            id: s.id.clone(),
+            reason: "SSH instances are built by Fleet::start".into(),
+        }),
         #[cfg(feature = "simulated")]
         BackendConfig::Simulated(s) => {
             use comfyfleet_testkit::{FakeBackend, Fault};
