@@ -457,7 +457,7 @@ function setConn(state, text) {
 
 // Reads the text/event-stream format: `field: value` lines, a blank line ends an event, lines
 // starting with `:` are comments (keep-alives).
-async function readStream(res, signal) {
+async function readStream(res, signal, handler = onSse) {
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
   signal.addEventListener('abort', () => reader.cancel().catch(() => {}));
   let buf = '';
@@ -474,7 +474,7 @@ async function readStream(res, signal) {
       const line = buf.slice(0, m.index);
       buf = buf.slice(m.index + m[0].length);
       if (line === '') {
-        if (data.length || type) onSse(type || 'message', data.join('\n'), id);
+        if (data.length || type) handler(type || 'message', data.join('\n'), id);
         type = ''; data = []; id = null;
         continue;
       }
@@ -688,6 +688,241 @@ async function download(e, href, filename) {
   }
 }
 
+// ---------------------------------------------------------------- installs
+
+// Custom-node installs on SSH instances: the list is polled (installs have no global stream);
+// each active install is followed live through its own SSE stream.
+const installs = new Map(); // id -> InstallView (record fields + counts) + {seq}
+const following = new Map(); // id -> AbortController
+const expanded = new Set(); // ids whose detail row is open
+const MAX_INSTALLS = 50;
+
+async function loadInstalls() {
+  const page = await api(`/v1/installs?limit=${MAX_INSTALLS}`);
+  const list = (page && page.installs) || [];
+  for (const v of list) {
+    const old = installs.get(v.id);
+    // what the live stream applied may be newer than this read
+    if (old && old.seq && !TERMINAL.has(v.state) && (old.updated_at || 0) > v.updated_at) continue;
+    installs.set(v.id, { ...(old || {}), ...v });
+    if (!TERMINAL.has(v.state)) followInstall(v.id);
+  }
+  const keep = new Set(list.map((v) => v.id));
+  for (const id of installs.keys()) if (!keep.has(id) && !following.has(id)) installs.delete(id);
+  renderInstalls();
+}
+
+const refreshInstalls = debounce(() => loadInstalls().catch(() => {}), 300);
+
+async function fetchInstall(id) {
+  try {
+    const v = await api(`/v1/installs/${encodeURIComponent(id)}`);
+    installs.set(id, { ...(installs.get(id) || {}), ...v });
+    renderInstalls();
+  } catch (e) {
+    if (e.status === 404) { installs.delete(id); renderInstalls(); }
+  }
+}
+
+function countsOf(v) {
+  const nodes = v.nodes || [];
+  const done = new Set(['installed', 'succeeded', 'failed', 'cancelled']);
+  return {
+    total: nodes.length,
+    processed: nodes.filter((n) => done.has(n.status)).length,
+    succeeded: nodes.filter((n) => n.status === 'succeeded').length,
+    failed: nodes.filter((n) => n.status === 'failed').length,
+  };
+}
+
+// Applies one install event to the view (the record is re-read when the install ends).
+function applyInstallEvent(ev) {
+  const v = installs.get(ev.install);
+  if (!v) { refreshInstalls(); return; }
+  if (v.seq && ev.seq <= v.seq) return;
+  v.seq = ev.seq;
+  v.updated_at = Math.max(v.updated_at || 0, ev.at);
+  switch (ev.type) {
+    case 'phase':
+      v.phase = ev.phase;
+      if (v.state === 'queued') v.state = 'running';
+      break;
+    case 'node':
+      if (v.nodes && v.nodes[ev.index]) v.nodes[ev.index] = ev.node;
+      if (['fetching', 'requirements'].includes(ev.node.status)) v.current = ev.index;
+      if (v.state === 'queued') v.state = 'running';
+      break;
+    case 'model':
+      if (v.models && v.models[ev.index]) v.models[ev.index] = ev.model;
+      break;
+    case 'output':
+      v.log_tail = [...(v.log_tail || []), ev.line].slice(-50);
+      break;
+    case 'finished':
+      v.state = ev.state;
+      v.error = ev.error || null;
+      v.current = null;
+      break;
+    default: break;
+  }
+  v.counts = countsOf(v);
+  renderInstalls();
+  if (ev.type === 'finished') fetchInstall(ev.install);
+}
+
+// Follows an install's SSE stream until its `finished` event (reconnecting with Last-Event-ID).
+async function followInstall(id) {
+  if (following.has(id)) return;
+  const ctl = new AbortController();
+  following.set(id, ctl);
+  let last = null;
+  let backoff = 500;
+  try {
+    while (!ctl.signal.aborted) {
+      try {
+        const headers = authHeaders({ Accept: 'text/event-stream' });
+        if (last) headers['Last-Event-ID'] = last;
+        const res = await fetch(`/v1/installs/${encodeURIComponent(id)}/events`, { headers, signal: ctl.signal, cache: 'no-store' });
+        if (res.status === 204 || res.status === 404 || res.status === 401) break;
+        if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+        backoff = 500;
+        await readStream(res, ctl.signal, (type, data, eid) => {
+          if (eid) last = eid;
+          if (type === 'lagged') { fetchInstall(id); return; }
+          if (type !== 'install') return;
+          try { applyInstallEvent(JSON.parse(data)); } catch { /* not JSON: ignore */ }
+        });
+        const v = installs.get(id);
+        if (!v || TERMINAL.has(v.state)) break;
+      } catch {
+        // dropped: retry below
+      }
+      if (ctl.signal.aborted) break;
+      await sleep(backoff);
+      backoff = Math.min(backoff * 2, 10000);
+    }
+  } finally {
+    following.delete(id);
+    fetchInstall(id);
+  }
+}
+
+async function cancelInstall(id, tr) {
+  const msg = $('.row-msg', tr);
+  msg.textContent = '';
+  try {
+    const v = await api(`/v1/installs/${encodeURIComponent(id)}/cancel`, 'POST');
+    installs.set(id, { ...(installs.get(id) || {}), ...v });
+    renderInstalls();
+    toast(`install ${shortId(id)}: ${v.state}`, 'info');
+  } catch (e) {
+    msg.textContent = e.message;
+    clearTimeout(msg.timer);
+    msg.timer = setTimeout(() => { msg.textContent = ''; }, 10000);
+  }
+}
+
+function renderInstalls() {
+  const tbody = $('#install-rows');
+  const list = [...installs.values()].sort((a, b) => (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
+  const rows = [];
+  for (const v of list) {
+    let tr = tbody.querySelector(`tr.install-row[data-install-id="${CSS.escape(v.id)}"]`);
+    if (!tr) tr = buildInstallRow(v.id);
+    updateInstallRow(tr, v);
+    rows.push(tr);
+    if (expanded.has(v.id)) rows.push(installDetailRow(v));
+  }
+  tbody.replaceChildren(...rows);
+  $('#installs-empty').hidden = rows.length > 0;
+  // A fleet without SSH instances has no installs: no panel.
+  if (installs.size) $('#installs-panel').hidden = false;
+}
+
+function buildInstallRow(id) {
+  const tr = el('tr', { 'data-install-id': id, class: 'install-row', onclick: (e) => {
+    if (e.target.closest('button, a')) return;
+    if (expanded.has(id)) expanded.delete(id); else expanded.add(id);
+    renderInstalls();
+  } });
+  tr.append(
+    el('td', { class: 'mono id', title: id, text: shortId(id) }),
+    el('td', { class: 'mono install-instance' }),
+    el('td', {}, el('span', { class: 'badge install-state' })),
+    el('td', { class: 'col-progress' },
+      el('div', { class: 'progress-line' },
+        el('div', { class: 'install-progress bar' }, el('div', { class: 'fill' })),
+        el('span', { class: 'install-counts num' }))),
+    el('td', { class: 'install-current mono' }),
+    el('td', { class: 'install-age num' }),
+    el('td', { class: 'actions' },
+      el('button', { class: 'btn btn-small btn-danger btn-install-cancel', type: 'button', text: 'Cancel',
+        onclick: () => cancelInstall(id, tr) }),
+      el('div', { class: 'row-msg error' })),
+  );
+  return tr;
+}
+
+function updateInstallRow(tr, v) {
+  const c = v.counts || countsOf(v);
+  tr.dataset.state = v.state;
+  tr.classList.toggle('selected', expanded.has(v.id));
+  $('.install-instance', tr).textContent = (v.spec && v.spec.instance) || '';
+  const badge = $('.install-state', tr);
+  badge.textContent = v.state;
+  badge.dataset.state = installBadge(v.state);
+  badge.title = v.error || v.phase || '';
+  const bar = $('.install-progress', tr);
+  bar.dataset.state = installBadge(v.state);
+  $('.fill', bar).style.width = `${c.total ? (100 * c.processed) / c.total : (TERMINAL.has(v.state) ? 100 : 0)}%`;
+  $('.install-counts', tr).textContent = `${c.processed}/${c.total}${c.failed ? `, ${c.failed} failed` : ''}`;
+  const running = !TERMINAL.has(v.state);
+  let current = '';
+  if (running) {
+    const n = present(v.current) && v.nodes ? v.nodes[v.current] : null;
+    current = n ? `${n.name} · ${n.status}` : (v.phase || '');
+  } else if (v.error) {
+    current = v.error;
+  }
+  const cur = $('.install-current', tr);
+  cur.textContent = current;
+  cur.title = current;
+  const age = $('.install-age', tr);
+  age.textContent = fmtAge(v.created_at);
+  age.title = new Date(v.created_at).toLocaleString();
+  $('.btn-install-cancel', tr).hidden = !running;
+}
+
+// Install states mapped onto the badge colours of job states.
+const installBadge = (s) => (s === 'queued' ? 'pending' : s);
+
+function installDetailRow(v) {
+  const nodes = v.nodes || [];
+  const models = v.models || [];
+  const log = v.log_tail || [];
+  return el('tr', { class: 'install-detail', 'data-install-id': v.id },
+    el('td', { colspan: 7 },
+      el('div', { class: 'small muted' }, `phase ${v.phase || ''}`, v.resumed ? ` · resumed ${v.resumed}×` : '',
+        v.error ? el('span', { class: 'error', text: ` · ${v.error}` }) : null),
+      nodes.length ? el('table', { class: 'mini install-nodes' },
+        el('thead', {}, el('tr', {}, ['pack', 'status', 'requirements', 'commit', 'classes', 'error'].map((h) => el('th', { text: h })))),
+        el('tbody', {}, nodes.map((n, i) => el('tr', { class: 'install-node', 'data-index': i, 'data-status': n.status },
+          el('td', { class: 'mono', title: n.git, text: `${n.name}${n.rev ? `@${n.rev}` : ''}` }),
+          el('td', {}, el('span', { class: 'badge', 'data-state': nodeBadge(n.status), text: n.status })),
+          el('td', { text: n.requirements || '' }),
+          el('td', { class: 'mono', title: n.commit || '', text: n.commit ? n.commit.slice(0, 8) : '' }),
+          el('td', { class: 'small', text: (n.classes && n.classes.length ? n.classes : n.expected_classes || []).join(', ') }),
+          el('td', { class: 'small error', text: n.error || '' }))))) : null,
+      models.length ? el('table', { class: 'mini install-models' },
+        el('tbody', {}, models.map((m) => el('tr', {},
+          el('td', { class: 'mono', title: m.url, text: m.path }),
+          el('td', {}, el('span', { class: 'badge', 'data-state': nodeBadge(m.status), text: m.status })),
+          el('td', { class: 'small error', text: m.error || '' }))))) : null,
+      el('pre', { class: 'install-log', text: log.length ? log.join('\n') : '(no output yet)' })));
+}
+
+const nodeBadge = (s) => ({ pending: 'pending', fetching: 'running', requirements: 'running', downloading: 'running', installed: 'retry_wait' }[s] || s);
+
 // ---------------------------------------------------------------- start-up
 
 async function start() {
@@ -698,6 +933,7 @@ async function start() {
     toast(e.message);
   }
   streamLoop();
+  loadInstalls().catch(() => {});
   try {
     await loadJobs();
   } catch (e) {
@@ -718,6 +954,7 @@ function init() {
   });
   document.addEventListener('keydown', (e) => { if (e.key === 'Escape' && openJob) openDetail(null); });
   setInterval(() => { if (!authWanted) { refreshBackends(); refreshCounts(); } }, 5000);
+  setInterval(() => { if (!authWanted) refreshInstalls(); }, 3000);
   setInterval(() => {
     for (const tr of document.querySelectorAll('#job-rows tr')) {
       const job = jobs.get(tr.dataset.jobId);

@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use comfyfleet::engine::BackendStatus;
+use comfyfleet_core::install::{InstallEvent, InstallRecord, InstalledPack, NodeCounts};
 use comfyfleet_core::{
-    Availability, BackendId, CancelOutcome, Constraints, Health, InputOverrides, JobId, JobSpec,
-    JobState, Restriction, TimeoutOverrides, Upload, Workflow,
+    Availability, BackendId, CancelOutcome, Constraints, Health, InputOverrides, InstallId, JobId,
+    JobSpec, JobState, Restriction, TimeoutOverrides, Upload, Workflow,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -303,4 +304,78 @@ pub struct StatusResponse {
     /// All backends (readiness only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backends_total: Option<usize>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Installs
+
+/// An install as the API shows it: the stored record with its URLs redacted (the fields of
+/// `InstallRecord`), plus counts over its packs.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct InstallView {
+    /// The record (credentials and query strings in URLs hidden).
+    #[serde(flatten)]
+    pub install: InstallRecord,
+    /// Counts over the packs (`processed/total`, succeeded, failed).
+    pub counts: NodeCounts,
+}
+
+impl InstallView {
+    /// The redacted view of a stored record: the only form in which a record leaves the server.
+    pub fn of(record: &InstallRecord) -> InstallView {
+        InstallView {
+            install: record.redacted(),
+            counts: record.counts(),
+        }
+    }
+}
+
+/// `GET /v1/installs`: installs, newest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct InstallList {
+    /// The installs.
+    pub installs: Vec<InstallView>,
+}
+
+/// `GET /v1/installs` filters.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct InstallListQuery {
+    /// Only installs on this instance.
+    pub instance: Option<String>,
+    /// Comma-separated states (`queued,running`).
+    pub state: Option<String>,
+    /// Page cursor: installs created before this one (the last id of the previous page).
+    pub before: Option<InstallId>,
+    /// Page size (1–1000, default 50).
+    pub limit: Option<u32>,
+}
+
+/// `GET /v1/installs/{id}/events` options.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct InstallEventsQuery {
+    /// Only events with a larger `seq` (SSE clients may send `Last-Event-ID` instead).
+    pub after: Option<u64>,
+    /// `json` for one page of stored events as JSON (like `Accept: application/json`), `sse`
+    /// (default) for the live stream.
+    pub format: Option<String>,
+    /// Page size of the JSON form (1–1000, default 1000).
+    pub limit: Option<u32>,
+}
+
+/// One page of an install's stored events, oldest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct InstallEventPage {
+    /// The events (`seq` from 1).
+    pub events: Vec<InstallEvent>,
+}
+
+/// `GET /v1/instances/{name}/packs`: what is recorded as installed and verified there.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct InstancePacks {
+    /// The packs, by name.
+    pub packs: Vec<InstalledPack>,
 }

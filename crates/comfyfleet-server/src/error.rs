@@ -143,9 +143,13 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(id) => ApiError::not_found(format!("job {id} not found")),
+            StoreError::InstallNotFound(id) => {
+                ApiError::not_found(format!("install {id} not found"))
+            }
             StoreError::InvalidInput(m) => ApiError::invalid(m),
             e @ StoreError::InvalidTransition { .. } => ApiError::conflict(e.to_string()),
             e @ StoreError::NotSupported(_) => ApiError::conflict(e.to_string()),
+            StoreError::Conflict(m) => ApiError::conflict(m),
             e @ (StoreError::Unusable(_) | StoreError::Backend(_)) => {
                 tracing::error!(error = %e, "store error answering a request");
                 ApiError::unavailable("the store is unavailable; see the server log")
@@ -165,6 +169,47 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Store(e) => e.into(),
             EngineError::Backend(e) => ApiError::unavailable(format!("backend call failed: {e}")),
+            e => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<comfyfleet::InstallError> for ApiError {
+    fn from(e: comfyfleet::InstallError) -> Self {
+        use comfyfleet::InstallError as E;
+        use comfyfleet_core::install::InstallSpecError;
+        match e {
+            E::InvalidSpec(spec) => {
+                let field = match &spec {
+                    InstallSpecError::Invalid { field, .. } => Some(field.clone()),
+                    _ => None,
+                };
+                let err = ApiError::invalid(spec.to_string());
+                match field {
+                    Some(f) => err.with_details(serde_json::json!({ "field": f })),
+                    None => err,
+                }
+            }
+            e @ E::UnknownPack { index, .. } => ApiError::invalid(e.to_string())
+                .with_details(serde_json::json!({ "field": format!("nodes[{index}].name") })),
+            e @ E::UnknownInstance(_) => ApiError::invalid(e.to_string())
+                .with_details(serde_json::json!({ "field": "instance" })),
+            E::Conflict(message) => {
+                // The stores name the active install last ("…: <id>").
+                let active = message
+                    .rsplit([' ', ':'])
+                    .next()
+                    .and_then(|s| s.parse::<comfyfleet_core::InstallId>().ok());
+                let err = ApiError::conflict(message);
+                match active {
+                    Some(id) => err.with_details(serde_json::json!({ "install": id })),
+                    None => err,
+                }
+            }
+            E::NotFound(id) => ApiError::not_found(format!("install {id} not found")),
+            e @ E::Finished { state, .. } => ApiError::conflict(e.to_string())
+                .with_details(serde_json::json!({ "state": state })),
+            E::Store(e) => e.into(),
             e => ApiError::internal(e),
         }
     }

@@ -1,6 +1,8 @@
 //! The comfyfleet service: a JSON API under `/v1` (OpenAPI document at `/v1/openapi.json`,
 //! generated from the handlers), live events as SSE and WebSocket with resume, bearer-token
-//! auth, Prometheus metrics, signed webhooks and the dashboard at `/`.
+//! auth, Prometheus metrics, signed webhooks and the dashboard at `/`. Started with an
+//! [`SshInstaller`] ([`Server::start_with_installer`]), it also serves custom-node installs on
+//! the fleet's SSH instances (`/v1/installs`, with live events per install).
 //!
 //! ```no_run
 //! # async fn run(engine: comfyfleet::Engine) -> Result<(), comfyfleet_server::ServerError> {
@@ -19,6 +21,7 @@ mod api;
 mod auth;
 mod error;
 mod events;
+mod installs;
 mod metrics;
 mod routes;
 mod webhooks;
@@ -28,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use comfyfleet::Engine;
+use comfyfleet::{Engine, SshInstaller};
 use secrecy::SecretString;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -139,6 +142,8 @@ pub enum ServerError {
 /// What the handlers share.
 pub(crate) struct Shared {
     pub(crate) engine: Engine,
+    /// Custom-node installs on the fleet's SSH instances (`None`: the fleet has none).
+    pub(crate) installer: Option<SshInstaller>,
     pub(crate) config: ServerConfig,
     pub(crate) hub: Arc<events::Hub>,
     pub(crate) metrics: Arc<metrics::Metrics>,
@@ -166,8 +171,21 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Checks the settings, binds, and serves in the background. The engine should be started
-    /// (the server never starts or stops it).
+    /// (the server never starts or stops it). Without an installer: the install routes answer
+    /// as for a fleet without SSH instances (see [`Server::start_with_installer`]).
     pub async fn start(engine: Engine, config: ServerConfig) -> Result<Server, ServerError> {
+        Server::start_with_installer(engine, None, config).await
+    }
+
+    /// [`Server::start`], serving custom-node installs (`/v1/installs`,
+    /// `/v1/instances/{name}/packs`) through `installer` — typically
+    /// [`Fleet::installer`](comfyfleet::Fleet::installer). The server never starts, recovers or
+    /// shuts the installer down; its owner does.
+    pub async fn start_with_installer(
+        engine: Engine,
+        installer: Option<SshInstaller>,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
         if config.tokens.is_empty() && !config.bind.ip().is_loopback() {
             return Err(ServerError::InsecureBind(config.bind));
         }
@@ -247,6 +265,7 @@ impl Server {
         ));
         let shared = Arc::new(Shared {
             engine: engine.clone(),
+            installer,
             config: config.clone(),
             hub: hub.clone(),
             metrics: metrics.clone(),

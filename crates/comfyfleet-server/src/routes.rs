@@ -27,6 +27,7 @@ use crate::AppState;
 use crate::api::*;
 use crate::error::{ApiError, ErrorBody, Json, Path, Query};
 use crate::events::{Item, Selector, client_stream};
+use crate::installs::*;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -42,6 +43,7 @@ use crate::events::{Item, Selector, client_stream};
         (name = "jobs", description = "Submit, inspect and cancel jobs"),
         (name = "events", description = "Live events (SSE and WebSocket) with resume"),
         (name = "backends", description = "The fleet's backends"),
+        (name = "installs", description = "Custom-node installs on SSH instances"),
         (name = "maintenance", description = "Reaper, backups, pruning"),
         (name = "system", description = "Health, readiness, metrics, this document"),
     )
@@ -78,6 +80,11 @@ fn documented(max_body: usize, max_upload: usize) -> OpenApiRouter<AppState> {
         .routes(routes!(job_events_sse))
         .routes(routes!(events_ws))
         .routes(routes!(job_events_ws))
+        .routes(routes!(create_install, list_installs))
+        .routes(routes!(get_install))
+        .routes(routes!(cancel_install))
+        .routes(routes!(install_events))
+        .routes(routes!(instance_packs))
         .routes(routes!(list_backends))
         .routes(routes!(get_backend))
         .routes(routes!(drain_backend))
@@ -239,6 +246,7 @@ async fn request_timeout(
     let exempt = path.ends_with("/stream")
         || path.ends_with("/ws")
         || path == "/v1/events"
+        || (path.starts_with("/v1/installs/") && path.ends_with("/events"))
         || path.contains("/outputs/")
         || path == "/v1/inputs"
         || (path == "/v1/jobs" && req.method() == axum::http::Method::POST)

@@ -236,19 +236,68 @@ fn browser_missing() -> Option<String> {
     (!missing.is_empty()).then(|| missing.join(" and "))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dashboard_shows_live_progress_and_force_cancels_a_job() {
+/// Headless Chromium through a fresh chromedriver, with a profile of its own (dropped last).
+async fn start_browser() -> (ChromeDriver, tempfile::TempDir, WebDriver) {
+    let chromedriver = ChromeDriver::start().await.unwrap();
+    let profile = tempfile::tempdir().unwrap();
+    let mut caps = DesiredCapabilities::chrome();
+    caps.set_binary(CHROMIUM).unwrap();
+    for arg in [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1440,1000",
+    ] {
+        caps.add_arg(arg).unwrap();
+    }
+    caps.add_arg(&format!("--user-data-dir={}", profile.path().display()))
+        .unwrap();
+    caps.set_browser_log_level(LoggingPrefsLogLevel::Warning)
+        .unwrap();
+    let driver = WebDriver::new(&chromedriver.url, caps).await.unwrap();
+    (chromedriver, profile, driver)
+}
+
+/// Skips (with `COMFYFLEET_SKIP_BROWSER=1`) or fails when the browser is missing; `true`: run.
+fn browser_present() -> bool {
     if let Some(missing) = browser_missing() {
         if std::env::var("COMFYFLEET_SKIP_BROWSER").is_ok_and(|v| v == "1") {
             eprintln!(
                 "skipping the browser test: {missing} not installed (COMFYFLEET_SKIP_BROWSER=1)"
             );
-            return;
+            return false;
         }
         panic!(
             "{missing} not installed: run `cargo xtask setup` (installs Debian's chromium and \
              chromium-driver), or set COMFYFLEET_SKIP_BROWSER=1 to skip this test"
         );
+    }
+    true
+}
+
+/// Opens the dashboard and gives it the token.
+async fn login(driver: &WebDriver, base: &str) -> Result<()> {
+    driver.goto(format!("{base}/")).await?;
+    let input = wait_until("the token prompt", DEADLINE, || async {
+        let e = driver.find(By::Id("token-input")).await?;
+        Ok(e.is_displayed().await?.then_some(e))
+    })
+    .await?;
+    input.send_keys(TOKEN).await?;
+    driver.find(By::Id("token-save")).await?.click().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboard_shows_live_progress_and_force_cancels_a_job() {
+    if !browser_present() {
+        return;
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -283,29 +332,7 @@ async fn dashboard_shows_live_progress_and_force_cancels_a_job() {
         base: base.clone(),
     };
 
-    let chromedriver = ChromeDriver::start().await.unwrap();
-    let profile = tempfile::tempdir().unwrap();
-    let mut caps = DesiredCapabilities::chrome();
-    caps.set_binary(CHROMIUM).unwrap();
-    for arg in [
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1440,1000",
-    ] {
-        caps.add_arg(arg).unwrap();
-    }
-    caps.add_arg(&format!("--user-data-dir={}", profile.path().display()))
-        .unwrap();
-    caps.set_browser_log_level(LoggingPrefsLogLevel::Warning)
-        .unwrap();
-    let driver = WebDriver::new(&chromedriver.url, caps).await.unwrap();
+    let (chromedriver, _profile, driver) = start_browser().await;
 
     let started = Instant::now();
     let outcome = scenario(&driver, &api, &base).await;
@@ -341,16 +368,8 @@ fn shot_path(name: &str) -> PathBuf {
 }
 
 async fn scenario(driver: &WebDriver, api: &Api, base: &str) -> Result<()> {
-    driver.goto(format!("{base}/")).await?;
-
     // The server wants a token: the dashboard asks for it.
-    let input = wait_until("the token prompt", DEADLINE, || async {
-        let e = driver.find(By::Id("token-input")).await?;
-        Ok(e.is_displayed().await?.then_some(e))
-    })
-    .await?;
-    input.send_keys(TOKEN).await?;
-    driver.find(By::Id("token-save")).await?.click().await?;
+    login(driver, base).await?;
 
     // Connected: the backend card and the live stream.
     wait_until("the backend card", DEADLINE, || async {
@@ -504,4 +523,189 @@ async fn scenario(driver: &WebDriver, api: &Api, base: &str) -> Result<()> {
     driver.screenshot(&shot).await?;
     println!("dashboard screenshot: {}", shot.display());
     Ok(())
+}
+
+/// What the dashboard shows for one install row.
+async fn read_install_row(driver: &WebDriver, id: &str) -> Result<Option<Value>> {
+    let ret = driver
+        .execute(
+            r#"
+            const tr = document.querySelector(`tr.install-row[data-install-id="${arguments[0]}"]`);
+            if (!tr) return null;
+            const text = (sel) => { const e = tr.querySelector(sel); return e ? e.textContent : ''; };
+            const cancel = tr.querySelector('.btn-install-cancel');
+            const detail = document.querySelector(`tr.install-detail[data-install-id="${arguments[0]}"]`);
+            return {
+                state: tr.dataset.state || '',
+                counts: text('.install-counts'),
+                current: text('.install-current'),
+                instance: text('.install-instance'),
+                cancel_visible: !!(cancel && cancel.offsetParent !== null),
+                nodes: detail ? [...detail.querySelectorAll('tr.install-node')].map((n) => n.dataset.status) : null,
+                log: detail ? (detail.querySelector('.install-log') || {}).textContent || '' : null,
+            };
+            "#,
+            vec![json!(id)],
+        )
+        .await?;
+    let v = ret.json();
+    Ok((!v.is_null()).then(|| v.clone()))
+}
+
+/// The Installs panel: an install started through the API appears, runs with its current pack
+/// named, and is cancelled from its row; a second one reaches `succeeded` with `2/2` packs, and
+/// its expanded row lists the packs and the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dashboard_follows_installs_and_cancels_one() {
+    use comfyfleet::ssh_client::installer::{InstanceConfig, SshInstaller};
+    use comfyfleet::ssh_client::{SshKey, SshSession, SshTarget};
+
+    if !browser_present() {
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let inst = comfyfleet_testkit::TestInstance::start().await.unwrap();
+    let fleet = Fleet::start(FleetConfig {
+        store: "memory:".into(),
+        backends: vec![BackendConfig::ComfyUi(ComfyUiServer {
+            id: BACKEND.into(),
+            url: inst.sim.base_url(),
+            prefetch: 0,
+            labels: Default::default(),
+        })],
+        ..FleetConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut config = InstanceConfig::new(BACKEND, inst.comfy().to_string_lossy().into_owned());
+    config.python = vec![inst.python().to_string_lossy().into_owned()];
+    config.comfyui_port = inst.comfyui_port();
+    let mut target = SshTarget::new(
+        "127.0.0.1",
+        inst.sshd.port(),
+        inst.sshd.user(),
+        SshKey::File {
+            path: inst.sshd.client_key_path(),
+            passphrase: None,
+        },
+        inst.sshd.write_known_hosts().unwrap(),
+    );
+    target.connect_timeout = Duration::from_secs(10);
+    let installer = SshInstaller::builder(std::sync::Arc::new(comfyfleet::MemoryStore::new()))
+        .instance(config, SshSession::new(target))
+        .build();
+    let server = Server::start_with_installer(
+        fleet.engine().clone(),
+        Some(installer),
+        ServerConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            tokens: vec![TOKEN.into()],
+            ..ServerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let base = server.url().trim_end_matches('/').to_owned();
+    let api = Api {
+        http: reqwest::Client::new(),
+        base: base.clone(),
+    };
+    let (chromedriver, _profile, driver) = start_browser().await;
+
+    let outcome = async {
+        login(&driver, &base).await?;
+        let (slow, _) = inst.pack("slow-pack", &["SlowNode"], Some("hang\n"))?;
+        let (alpha, _) = inst.pack("alpha-pack", &["AlphaNode"], None)?;
+        let (beta, _) = inst.pack("beta-pack", &["BetaNode"], Some("numpy\n"))?;
+        let start = |nodes: Vec<&String>| {
+            let body = json!({
+                "instance": BACKEND,
+                "nodes": nodes.iter().map(|g| json!({"git": g})).collect::<Vec<_>>(),
+            });
+            api.send(api.http.post(format!("{base}/v1/installs")).json(&body))
+        };
+
+        // A slow install: its row shows it running on the slow pack; Cancel stops it.
+        let slow_id = start(vec![&slow]).await?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let row = wait_until("the slow install to show running", DEADLINE, || async {
+            Ok(read_install_row(&driver, &slow_id).await?.filter(|r| {
+                r["state"] == "running" && r["current"].as_str().unwrap_or("").contains("slow-pack")
+            }))
+        })
+        .await?;
+        if row["cancel_visible"] != true || row["instance"] != BACKEND {
+            return err(format!("a running install row: {row}"));
+        }
+        driver
+            .find(By::Css(format!(
+                "tr.install-row[data-install-id='{slow_id}'] .btn-install-cancel"
+            )))
+            .await?
+            .click()
+            .await?;
+        wait_until("the slow install to show cancelled", DEADLINE, || async {
+            Ok(read_install_row(&driver, &slow_id)
+                .await?
+                .filter(|r| r["state"] == "cancelled" && r["cancel_visible"] == false))
+        })
+        .await?;
+
+        // A quick one runs to the end; its expanded row lists the packs and the log.
+        let quick_id = start(vec![&alpha, &beta]).await?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        wait_until(
+            "the quick install to succeed with 2/2 packs",
+            DEADLINE,
+            || async {
+                Ok(read_install_row(&driver, &quick_id)
+                    .await?
+                    .filter(|r| r["state"] == "succeeded" && r["counts"] == "2/2"))
+            },
+        )
+        .await?;
+        driver
+            .find(By::Css(format!(
+                "tr.install-row[data-install-id='{quick_id}'] td.id"
+            )))
+            .await?
+            .click()
+            .await?;
+        wait_until("the expanded row's packs and log", DEADLINE, || async {
+            Ok(read_install_row(&driver, &quick_id).await?.filter(|r| {
+                r["nodes"] == json!(["succeeded", "succeeded"])
+                    && r["log"]
+                        .as_str()
+                        .is_some_and(|l| l.contains("Successfully installed"))
+            }))
+        })
+        .await?;
+        driver
+            .screenshot(&shot_path("dashboard-installs.png"))
+            .await?;
+        Ok::<(), Error>(())
+    }
+    .await;
+    if outcome.is_err() {
+        let shot = shot_path("dashboard-installs-failure.png");
+        if driver.screenshot(&shot).await.is_ok() {
+            eprintln!("screenshot of the failure: {}", shot.display());
+        }
+        if let Ok(log) = driver.browser_log().await {
+            for entry in log {
+                eprintln!("browser {}: {}", entry.level, entry.message);
+            }
+        }
+    }
+    let _ = driver.quit().await;
+    drop(chromedriver);
+    server.shutdown().await;
+    fleet.shutdown().await;
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
 }

@@ -180,6 +180,8 @@ fn query() -> impl Strategy<Value = Option<String>> {
         "after",
         "force",
         "dry_run",
+        "instance",
+        "format",
         "zzz",
     ]);
     prop_oneof![
@@ -238,6 +240,10 @@ const FIELDS: &[&str] = &[
     "older_than_secs",
     "no_backup",
     "prority",
+    "instance",
+    "nodes",
+    "models",
+    "restart",
 ];
 
 #[derive(Debug, Clone)]
@@ -255,6 +261,7 @@ fn route_fields(template: &str) -> &'static [&'static str] {
         "/v1/jobs/cancel" => &["ids", "force"],
         "/v1/maintenance/reap" => &["dry_run", "stuck_after_secs"],
         "/v1/maintenance/prune" => &["older_than_secs", "no_backup"],
+        "/v1/installs" => &["instance", "nodes", "models", "restart"],
         _ => FIELDS,
     }
 }
@@ -494,7 +501,10 @@ fn case(route: (&'static str, &'static str)) -> impl Strategy<Value = Case> {
         .prop_map(
             move |((other_method, id, index, extra, query, auth, kind, headers, ws), ct)| {
                 let (m, template) = route;
-                let mut path = template.replace("{id}", &id).replace("{index}", &index);
+                let mut path = template
+                    .replace("{id}", &id)
+                    .replace("{name}", &id)
+                    .replace("{index}", &index);
                 if let Some(e) = extra {
                     path.push('/');
                     path.push_str(&e);
@@ -746,6 +756,7 @@ fn every_documented_field_and_query_parameter_with_odd_values() {
                     &job
                 },
             )
+            .replace("{name}", "gpu-0")
             .replace("{index}", "0");
         // Bodies.
         if let Some(schema) = op["requestBody"]["content"]["application/json"].get("schema") {

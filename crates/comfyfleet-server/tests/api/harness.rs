@@ -28,6 +28,8 @@ pub struct Options {
     pub backends: usize,
     pub config: ServerConfig,
     pub store: Option<Arc<dyn TaskStore>>,
+    /// Serves installs through it (`Server::start_with_installer`).
+    pub installer: Option<comfyfleet::SshInstaller>,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
                 ..ServerConfig::default()
             },
             store: None,
+            installer: None,
         }
     }
 }
@@ -90,7 +93,9 @@ impl TestServer {
         if o.token {
             config.tokens = vec![TOKEN.into()];
         }
-        let server = Server::start(engine.clone(), config).await.expect("server");
+        let server = Server::start_with_installer(engine.clone(), o.installer, config)
+            .await
+            .expect("server");
         let base = server.url();
         TestServer {
             server: Some(server),

@@ -5,6 +5,7 @@
 mod events;
 mod fuzz;
 mod harness;
+mod installs;
 mod jobs;
 mod live;
 mod openapi;
