@@ -74,6 +74,7 @@ async fn demo_fleet(speed: f64) -> Result<(Vec<ComfyUiSim>, FleetConfig)> {
 /// port, or on any free port.
 async fn start_server(
     engine: comfyfleet::Engine,
+    installer: Option<comfyfleet::SshInstaller>,
     args: &DemoArgs,
     backup_dir: std::path::PathBuf,
 ) -> Result<Server> {
@@ -92,10 +93,10 @@ async fn start_server(
         None if args.serve => config.bind,
         None => any_port,
     };
-    match Server::start(engine.clone(), config.clone()).await {
+    match Server::start_with_installer(engine.clone(), installer.clone(), config.clone()).await {
         Err(ServerError::Bind { .. }) if args.bind.is_none() && config.bind != any_port => {
             config.bind = any_port;
-            Ok(Server::start(engine, config).await?)
+            Ok(Server::start_with_installer(engine, installer, config).await?)
         }
         r => Ok(r?),
     }
@@ -124,7 +125,14 @@ pub async fn run(args: DemoArgs, store: Option<String>) -> Result<i32> {
         .await
         .context("starting the demo fleet")?;
     let engine = fleet.engine().clone();
-    let server = match start_server(engine.clone(), &args, temp.join("backups")).await {
+    let server = match start_server(
+        engine.clone(),
+        fleet.installer().cloned(),
+        &args,
+        temp.join("backups"),
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             fleet.shutdown().await;

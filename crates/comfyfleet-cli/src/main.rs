@@ -7,6 +7,9 @@
 //! * `jobs`, `job`, `cancel`, `events`, `reap`, `backup`, `prune` work on the local store (the
 //!   SQLite database by default, `--store` or `COMFYFLEET_STORE` to choose) unless `--server`
 //!   is given; then they go through the API.
+//! * `install-nodes` installs custom-node packs (and models) on an SSH instance and follows the
+//!   install with a bar per pack; `installs` lists, shows, follows and cancels installs. Both
+//!   run in this process on a fleet from `--config`, or on the service with `--server`.
 //! * `demo` runs a batch on three built-in ComfyUI simulators (one faulty) with the service up;
 //!   `sim comfyui` runs one simulator standalone.
 
@@ -14,6 +17,7 @@ mod client;
 mod config;
 mod demo;
 mod follow;
+mod installs;
 mod remote;
 mod serve;
 mod store_cmds;
@@ -29,7 +33,8 @@ use secrecy::SecretString;
 use crate::client::{Client, DEFAULT_SERVER, exit};
 
 const EXIT_CODES: &str = "\
-Exit codes: 0 success; 1 a job failed, or an error; 2 not found, or (run) a job was cancelled;
+Exit codes: 0 success; 1 a job (install-nodes: an install) failed, or an error; 2 not found, a
+usage error, or (run, install-nodes) a job / the install was cancelled;
 3 the server refused the token; 4 the server could not be reached; 130 interrupted (Ctrl-C) while
 following (the jobs keep running).
 
@@ -80,6 +85,14 @@ enum Command {
     /// progress. Uses a fresh SQLite database in a temporary directory unless `--store` is
     /// given. `--serve` keeps the service up afterwards until Ctrl-C.
     Demo(demo::DemoArgs),
+    /// Install custom-node packs (and model files) on an SSH instance, then restart ComfyUI and
+    /// verify the packs' node classes; follows the install with a bar per pack. Exits 0 if it
+    /// succeeded, 1 if any pack failed, 2 if cancelled (Ctrl-C cancels it). Runs in this
+    /// process on the fleet of `--config`, or on the service with `--server`.
+    InstallNodes(installs::InstallNodesArgs),
+    /// Custom-node installs: `list` (default), `get ID`, `follow ID`, `cancel ID`,
+    /// `packs INSTANCE`.
+    Installs(installs::InstallsArgs),
     /// Run the engine over a fleet configuration (TOML) until interrupted: claims jobs from the
     /// store and runs them on the configured backends. Ctrl-C / SIGTERM shut down gracefully
     /// (running executions are handed back and reattached by the next start).
@@ -333,6 +346,19 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Submit(a) => return remote::submit(&client_for(server.as_deref())?, a).await,
         Command::Run(a) => return remote::run(&client_for(server.as_deref())?, a).await,
         Command::Backends(a) => return remote::backends(&client_for(server.as_deref())?, a).await,
+        Command::InstallNodes(a) => {
+            let client = match server.as_deref() {
+                Some(s) => Some(client_for(Some(s))?),
+                None => None,
+            };
+            return installs::install_nodes(a, client.as_ref(), cli.store).await;
+        }
+        Command::Installs(a) => {
+            return match server.as_deref() {
+                Some(s) => installs::installs_remote(&client_for(Some(s))?, a).await,
+                None => installs::installs_local(a, cli.store).await,
+            };
+        }
         Command::Events(a) if server.is_some() => {
             return remote::events(&client_for(server.as_deref())?, a).await;
         }
@@ -441,7 +467,17 @@ fn exit_quietly_on_broken_pipe() {
 fn main() {
     exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+    // A local install runs a whole fleet in this process, whose engine warns about every
+    // failed health check while ComfyUI restarts; the install's own progress says what matters.
+    // So local installs log errors only unless asked otherwise.
+    let local_install = cli.server.is_none()
+        && matches!(cli.command, Command::InstallNodes(_) | Command::Installs(_));
+    let log = if local_install && cli.log == "warn" {
+        "error"
+    } else {
+        cli.log.as_str()
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(log) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("error: --log {:?}: {e}", cli.log);
@@ -468,7 +504,11 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            remote::exit_code_of(&e).unwrap_or(exit::FAILED)
+            if e.downcast_ref::<installs::UsageError>().is_some() {
+                installs::USAGE
+            } else {
+                remote::exit_code_of(&e).unwrap_or(exit::FAILED)
+            }
         }
     };
     // Background tasks (event followers, simulators) must not hold the exit up.

@@ -57,7 +57,13 @@ pub async fn run(args: ServeArgs, store: Option<String>) -> Result<i32> {
     let fleet = Fleet::start(config.fleet())
         .await
         .context("starting the fleet")?;
-    let server = match Server::start(fleet.engine().clone(), config.server.clone()).await {
+    let server = match Server::start_with_installer(
+        fleet.engine().clone(),
+        fleet.installer().cloned(),
+        config.server.clone(),
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             fleet.shutdown().await;
@@ -76,6 +82,12 @@ pub async fn run(args: ServeArgs, store: Option<String>) -> Result<i32> {
         println!("backends: none configured (jobs will wait)");
     } else {
         println!("backends: {}", backends.join(", "));
+    }
+    if let Some(installer) = fleet.installer() {
+        println!(
+            "installs: /v1/installs on {} (`comfyfleet install-nodes --server …`)",
+            installer.instances().join(", ")
+        );
     }
     eprintln!("comfyfleet serve: running; Ctrl-C to stop");
     stop.recv().await;

@@ -7,6 +7,8 @@ use predicates::prelude::*;
 
 // One test binary per crate (each one links the whole dependency tree): the service tests live
 // in a module of this one.
+#[path = "cli/install.rs"]
+mod install;
 #[path = "cli/service.rs"]
 mod service;
 
