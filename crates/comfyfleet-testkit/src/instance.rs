@@ -7,7 +7,7 @@
 //!   (no network);
 //! * a fake Python (`root/fake-python`) whose `-m pip install -r FILE` succeeds, fails for a
 //!   requirement `fail-me` (exit 1), prints pip's error but exits 0 for `lie`, and for `hang`
-//!   writes its pid to [`TestInstance::hang_pid`] and sleeps.
+//!   writes its pid to [`TestInstance::hang_pid`] and sleeps; `lines=N` prints N lines first.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ if grep -q hang "$req"; then
   echo "Building wheel for hang (this takes a while)"
   exec sleep 600
 fi
+n=$(sed -n 's/^lines=//p' "$req")
+if [ -n "$n" ]; then seq 1 "$n" | sed 's/^/Collecting line /'; fi
 echo "Successfully installed $(tr '\n' ' ' < "$req")"
 "#;
 
