@@ -20,7 +20,7 @@ use comfyfleet::core::install::{
     InstallState, InstalledPack, ModelSpec, ModelStatus, NodeProgress, NodeSpec, NodeStatus,
     RequirementsStatus,
 };
-use comfyfleet::{BackendConfig, Fleet, FleetConfig, InstallError, SshInstaller};
+use comfyfleet::{BackendConfig, FleetConfig, InstallError, SshInstaller};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
@@ -282,16 +282,18 @@ pub async fn install_nodes(
             };
             let config = crate::config::load_for_worker(path, store)?;
             precheck(&config, &spec)?;
-            let fleet = start_fleet(config).await?;
-            let code = match fleet.installer() {
-                Some(installer) => match installer.start(spec).await {
-                    Ok(record) => follow_local(installer, record.id, a.json, interrupt).await,
-                    Err(e) => Err(install_error(e)),
-                },
+            // Only the installer: this process must not take jobs from a shared store.
+            match start_installer(&config).await? {
+                Some(installer) => {
+                    let code = match installer.start(spec).await {
+                        Ok(record) => follow_local(&installer, record.id, a.json, interrupt).await,
+                        Err(e) => Err(install_error(e)),
+                    };
+                    installer.shutdown();
+                    code
+                }
                 None => Err(usage("the configuration has no `kind = \"ssh\"` instances")),
-            };
-            fleet.shutdown().await;
-            code
+            }
         }
     }
 }
@@ -343,8 +345,10 @@ fn precheck(config: &FleetConfig, spec: &InstallSpec) -> Result<()> {
     Ok(())
 }
 
-async fn start_fleet(config: FleetConfig) -> Result<Fleet> {
-    Fleet::start(config).await.context("starting the fleet")
+async fn start_installer(config: &FleetConfig) -> Result<Option<SshInstaller>> {
+    comfyfleet::start_installer(config)
+        .await
+        .context("setting up the SSH instances")
 }
 
 fn install_error(e: InstallError) -> anyhow::Error {
@@ -943,8 +947,10 @@ pub async fn installs_local(a: InstallsArgs, store: Option<String>) -> Result<i3
                 "`installs cancel` and `installs follow` need --config FILE (the fleet with the instance) or --server URL",
             ));
         };
-        let fleet = start_fleet(config).await?;
-        let result = match (fleet.installer(), action) {
+        // Only the installer: no engine, and installs another process drives are not resumed
+        // here (a cancel of one settles it in the store; its runner stops at its next write).
+        let installer = start_installer(&config).await?;
+        let result = match (installer.as_ref(), action) {
             (None, _) => Err(usage("the configuration has no `kind = \"ssh\"` instances")),
             (Some(i), InstallsAction::Cancel { id }) => match i.cancel(id).await {
                 Ok(r) => cancelled(&r, json),
@@ -959,7 +965,9 @@ pub async fn installs_local(a: InstallsArgs, store: Option<String>) -> Result<i3
             },
             (Some(_), _) => unreachable!("only cancel and follow need the fleet"),
         };
-        fleet.shutdown().await;
+        if let Some(i) = &installer {
+            i.shutdown();
+        }
         return result;
     }
     let (_, store) = comfyfleet::open_stores(&url).await?;

@@ -74,21 +74,38 @@ pub enum SshBackendError {
     Backend(#[from] BackendError),
 }
 
+/// Shell functions of the start and stop scripts. The pid file holds `PID START`, `START` being
+/// the process's start time (`/proc/PID/stat` field 22): after a crash or a reboot of the
+/// instance the pid may belong to an unrelated process, which must be neither taken for ComfyUI
+/// nor killed. Without `/proc` only `kill -0` is checked.
+const PID_FUNCTIONS: &str = r#"set -u
+starttime() { [ -r "/proc/$1/stat" ] && sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+ours() {
+  pid=""; start=""
+  [ -f "$1" ] || return 1
+  read -r pid start < "$1" || [ -n "$pid" ] || return 1
+  case "$pid" in ""|*[!0-9]*) return 1;; esac
+  kill -0 "$pid" 2>/dev/null || return 1
+  now=$(starttime "$pid" || true)
+  [ -z "$now" ] || [ "$now" = "$start" ]
+}
+"#;
+
 /// Runs ComfyUI detached. `$1` log file, `$2` pid file, `$3` working directory, then the argv.
-const START_SCRIPT: &str = r#"set -u
+const START_SCRIPT: &str = r#"
 log=$1; pidfile=$2; dir=$3; shift 3
-if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then echo "already running: $(cat "$pidfile")"; exit 0; fi
+if ours "$pidfile"; then echo "already running: $pid"; exit 0; fi
 cd "$dir" || exit 30
 setsid "$@" >>"$log" 2>&1 </dev/null &
-echo $! > "$pidfile"
-echo "started: $!"
+pid=$!
+echo "$pid $(starttime "$pid" || true)" > "$pidfile"
+echo "started: $pid"
 "#;
 
 /// Stops the detached ComfyUI. `$1` pid file.
-const STOP_SCRIPT: &str = r#"set -u
+const STOP_SCRIPT: &str = r#"
 pidfile=$1
-[ -f "$pidfile" ] || exit 0
-pid=$(cat "$pidfile")
+if ! ours "$pidfile"; then rm -f "$pidfile"; echo "not running"; exit 0; fi
 kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
 i=0
 while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
@@ -99,6 +116,8 @@ echo stopped
 
 struct Managed {
     session: SshSession,
+    /// The forward `base` points at: a restarter handed to an installer outlives the backend.
+    _forward: Arc<Forward>,
     dir: String,
     argv: Vec<String>,
     base: String,
@@ -119,7 +138,7 @@ impl Managed {
         let mut argv = vec![
             "sh".to_owned(),
             "-c".to_owned(),
-            script.to_owned(),
+            format!("{PID_FUNCTIONS}{script}"),
             "comfyfleet-comfyui".to_owned(),
         ];
         argv.extend(args);
@@ -198,7 +217,7 @@ async fn wait_answering(base: &str, limit: Duration) -> Result<(), String> {
 pub struct SshBackend {
     id: BackendId,
     session: SshSession,
-    forward: Forward,
+    forward: Arc<Forward>,
     inner: ComfyUiBackend,
     managed: Option<Arc<Managed>>,
 }
@@ -221,12 +240,14 @@ impl SshBackend {
         config: SshBackendConfig,
         session: SshSession,
     ) -> Result<SshBackend, SshBackendError> {
-        let forward = Forward::bind(
-            Opener::Session(session.clone()),
-            "127.0.0.1",
-            config.instance.comfyui_port,
-        )
-        .await?;
+        let forward = Arc::new(
+            Forward::bind(
+                Opener::Session(session.clone()),
+                "127.0.0.1",
+                config.instance.comfyui_port,
+            )
+            .await?,
+        );
         let base = format!("http://{}", forward.local_addr());
         let mut comfyui = config.comfyui.clone();
         comfyui.id = BackendId::new(config.instance.name.clone());
@@ -237,6 +258,7 @@ impl SshBackend {
         let managed = config.start_command.as_ref().map(|argv| {
             Arc::new(Managed {
                 session: session.clone(),
+                _forward: forward.clone(),
                 dir: config.instance.comfyui_dir.clone(),
                 argv: argv.clone(),
                 base: base.clone(),

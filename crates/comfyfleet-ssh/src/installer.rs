@@ -216,12 +216,26 @@ struct Instance {
 
 type InstalledHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// An install's run in this process.
+struct Running {
+    /// Cancels the run (it stops at its next step and settles the record `cancelled`).
+    token: CancellationToken,
+    /// Cancelled when the run's task is over, however it ended (also when aborted).
+    done: CancellationToken,
+    abort: Option<tokio::task::AbortHandle>,
+    /// Which run this is: a finished task removes only its own entry, and the abort handle is
+    /// set only on the entry of the task it belongs to.
+    generation: u64,
+}
+
 struct Inner {
     store: Arc<dyn InstallStore>,
     instances: HashMap<String, Instance>,
     registry: Registry,
     clock: Arc<dyn Clock>,
-    running: Mutex<HashMap<InstallId, (CancellationToken, Option<tokio::task::AbortHandle>)>>,
+    running: Mutex<HashMap<InstallId, Running>>,
+    /// Tells the entries of one install's successive runs apart (see [`Running`]).
+    generation: std::sync::atomic::AtomicU64,
     events: broadcast::Sender<InstallEvent>,
     on_installed: Vec<InstalledHook>,
     flush_every: Duration,
@@ -285,9 +299,11 @@ impl SshInstallerBuilder {
         self
     }
 
-    /// How long output lines may wait before they are stored and published (default 200 ms).
+    /// How long output lines may wait before they are stored and published (default 200 ms;
+    /// at least 1 ms).
     pub fn flush_every(mut self, every: Duration) -> Self {
-        self.flush_every = every;
+        // A zero period would panic in `tokio::time::interval` inside the install's task.
+        self.flush_every = every.max(Duration::from_millis(1));
         self
     }
 
@@ -301,6 +317,7 @@ impl SshInstallerBuilder {
                 registry: self.registry,
                 clock: self.clock,
                 running: Mutex::new(HashMap::new()),
+                generation: std::sync::atomic::AtomicU64::new(0),
                 events,
                 on_installed: self.on_installed,
                 flush_every: self.flush_every,
@@ -427,22 +444,28 @@ impl SshInstaller {
     /// Cancels an install: the remote command's process group is killed, unfinished packs end
     /// `cancelled`. Returns the final record.
     pub async fn cancel(&self, id: InstallId) -> Result<InstallRecord, InstallError> {
-        let token = self
+        let running = self
             .inner
             .running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .map(|(t, _)| t.clone());
-        if let Some(token) = token {
+            .map(|r| (r.token.clone(), r.done.clone()));
+        let was_running = running.is_some();
+        if let Some((token, done)) = running {
             token.cancel();
-            return self.wait(id).await;
+            // The run settles the record itself; wait for its task to be over, however it ended
+            // (a run that stopped on a store error leaves the record for the loop below).
+            done.cancelled().await;
         }
-        // Not running here (queued, or left over from a crashed orchestrator): settle it in
-        // the store directly.
+        // Not running here (queued, left over from a crashed orchestrator, or its run stopped
+        // without settling it): settle it in the store directly.
         loop {
             let mut record = self.get(id).await?;
             if record.state.is_terminal() {
+                if was_running {
+                    return Ok(record);
+                }
                 return Err(InstallError::Finished {
                     id,
                     state: record.state,
@@ -500,15 +523,10 @@ impl SshInstaller {
             if !self.inner.instances.contains_key(&record.spec.instance) {
                 continue;
             }
-            let already = self
-                .inner
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&record.id);
-            if !already {
+            // `spawn` checks and inserts under one lock: an install started (or recovered)
+            // concurrently is never run twice here.
+            if self.spawn(record.id) {
                 tracing::info!(install = %record.id, instance = %record.spec.instance, "resuming install");
-                self.spawn(record.id);
                 ids.push(record.id);
             }
         }
@@ -526,8 +544,8 @@ impl SshInstaller {
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .collect();
-        for (_, (_, abort)) in running {
-            if let Some(abort) = abort {
+        for (_, r) in running {
+            if let Some(abort) = r.abort {
                 abort.abort();
             }
         }
@@ -544,32 +562,69 @@ impl SshInstaller {
             .collect()
     }
 
-    fn spawn(&self, id: InstallId) {
+    /// Runs `id` in the background unless it already runs here; `true` when it was started.
+    fn spawn(&self, id: InstallId) -> bool {
         let token = CancellationToken::new();
-        self.inner
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (token.clone(), None));
+        let done = CancellationToken::new();
+        let generation = self
+            .inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.contains_key(&id) {
+                return false;
+            }
+            running.insert(
+                id,
+                Running {
+                    token: token.clone(),
+                    done: done.clone(),
+                    abort: None,
+                    generation,
+                },
+            );
+        }
         let inner = self.inner.clone();
         let task = tokio::spawn(async move {
+            // However the task ends (aborted or panicking too): first its entry goes, then
+            // `done` tells a waiting `cancel` (guards drop in reverse order).
+            let _done = done.drop_guard();
+            let _entry = Unregister {
+                inner: inner.clone(),
+                id,
+                generation,
+            };
             if let Err(e) = run(&inner, id, token).await {
                 tracing::warn!(install = %id, error = %e, "install stopped");
             }
-            inner
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
         });
-        if let Some(entry) = self
-            .inner
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
+        let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = running.get_mut(&id)
+            && entry.generation == generation
         {
-            entry.1 = Some(task.abort_handle());
+            entry.abort = Some(task.abort_handle());
+        }
+        true
+    }
+}
+
+/// Removes a run's entry from [`Inner::running`] when its task ends, unless a newer run of the
+/// same install replaced it.
+struct Unregister {
+    inner: Arc<Inner>,
+    id: InstallId,
+    generation: u64,
+}
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        let mut running = self.inner.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running
+            .get(&self.id)
+            .is_some_and(|r| r.generation == self.generation)
+        {
+            running.remove(&self.id);
         }
     }
 }
@@ -630,6 +685,8 @@ struct Run<'a> {
     last_flush: tokio::time::Instant,
     /// `(raw, redacted)` URLs: output never shows a credential or a download token.
     secrets: Vec<(String, String)>,
+    /// The install's cancel token.
+    token: CancellationToken,
 }
 
 impl Run<'_> {
@@ -741,6 +798,7 @@ async fn run(inner: &Inner, id: InstallId, token: CancellationToken) -> Result<(
         pending: Vec::new(),
         last_flush: tokio::time::Instant::now(),
         secrets: Vec::new(),
+        token: token.clone(),
     };
     let raw_urls = (0..run.record.nodes.len())
         .filter_map(|i| raw_git(inner, &run.record, i))
@@ -760,16 +818,14 @@ async fn run(inner: &Inner, id: InstallId, token: CancellationToken) -> Result<(
     run.phase(InstallPhase::Connecting);
     run.flush().await?;
 
-    let outcome = tokio::select! {
-        biased;
-        () = token.cancelled() => Err(Stop::Cancelled),
-        r = drive(&mut run, instance, &token) => r,
-    };
-    match outcome {
+    // `drive` stops at its next await once the token fires (see `or_cancel`), never in the
+    // middle of a store write: dropping it there could lose a committed write's version bump
+    // (the cancel below would then conflict forever) and the write's live events.
+    match drive(&mut run, instance, &token).await {
         Ok(()) => Ok(()),
         Err(Stop::Cancelled) => {
-            // Dropping `drive` dropped the remote process: its channel is closed and the PTY
-            // hangup killed its process group.
+            // `drive` dropped the remote process: its channel is closed and the PTY hangup
+            // killed its process group.
             let now = inner.clock.now();
             let mut events = std::mem::take(&mut run.pending);
             events.extend(finish_cancelled(&mut run.record, now));
@@ -781,6 +837,34 @@ async fn run(inner: &Inner, id: InstallId, token: CancellationToken) -> Result<(
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+/// `url` without a `user:password@` or `token@` part (an `ssh://` user stays: ssh needs it and
+/// takes no password from the URL).
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) if scheme != "ssh" => {
+            let end = rest.find('/').unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Runs `fut` unless the install is cancelled first (then `fut` is dropped: a remote command
+/// in it is closed, which kills its process group).
+async fn or_cancel<T>(
+    token: &CancellationToken,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Stop> {
+    tokio::select! {
+        biased;
+        () = token.cancelled() => Err(Stop::Cancelled),
+        v = fut => Ok(v),
     }
 }
 
@@ -825,34 +909,55 @@ async fn fail_whole(run: &mut Run<'_>, error: String) -> Result<(), Stop> {
 }
 
 /// The fixed script that clones or updates a pack. Arguments: `$1` nonce, `$2` folder,
-/// `$3` URL, `$4` ref (may be empty), `$5` commit already recorded for this pack (may be empty).
+/// `$3` URL, `$4` ref (may be empty), `$5` commit already recorded for this pack (may be empty),
+/// `$6` the URL without credentials, left as `origin` in the checkout's `.git/config` (where
+/// ComfyUI-Manager and anyone on the instance would read a token), whatever way the step ends.
+///
+/// Only a pinned commit id is trusted without a fetch; branch and tag names (and the default
+/// branch) are resolved against the remote's current refs, as they move. `present` is reported
+/// when the resolved commit is the one checked out and recorded: nothing changed.
 const GIT_STEP: &str = r#"set -u
-mark=$1; dir=$2; url=$3; rev=$4; known=$5
+mark=$1; dir=$2; url=$3; rev=$4; known=$5; public=$6
+scrub() { if [ "$url" != "$public" ] && [ -d "$dir/.git" ]; then git -C "$dir" remote set-url origin "$public" 2>/dev/null; fi; }
+trap scrub EXIT
+trap 'scrub; exit 129' HUP INT TERM
 export GIT_TERMINAL_PROMPT=0 GIT_ALLOW_PROTOCOL=file:git:http:https:ssh
+# The command runs on a PTY: ssh must fail instead of waiting on a host-key or password prompt,
+# and a stalled transfer must fail instead of waiting for the step's time limit.
+export GIT_SSH_COMMAND="${GIT_SSH_COMMAND:-ssh -o BatchMode=yes -o ConnectTimeout=30}"
+export GIT_HTTP_LOW_SPEED_LIMIT="${GIT_HTTP_LOW_SPEED_LIMIT:-1000}"
+export GIT_HTTP_LOW_SPEED_TIME="${GIT_HTTP_LOW_SPEED_TIME:-60}"
+head=""
 if [ -d "$dir/.git" ]; then
-  head=$(git -C "$dir" rev-parse HEAD 2>/dev/null || true)
-  if [ -n "$rev" ] && [ -n "$known" ] && [ "$head" = "$known" ]; then
-    full=$(git -C "$dir" rev-parse --verify --quiet "$rev^{commit}" || true)
-    if [ "$full" = "$head" ]; then
-      echo "$mark present $head"
-      echo "$mark commit $head"
-      exit 0
-    fi
-  fi
+  head=$(git -C "$dir" rev-parse --verify --quiet "HEAD^{commit}" || true)
+  case "$rev" in
+    ""|*[!0-9a-f]*) ;;
+    *)
+      if [ ${#rev} -ge 7 ] && [ -n "$known" ] && [ "$head" = "$known" ]; then
+        case "$head" in "$rev"*)
+          echo "$mark present $head"
+          echo "$mark commit $head"
+          exit 0;;
+        esac
+      fi;;
+  esac
   echo "updating $dir"
-  git -C "$dir" remote set-url origin "$url" || exit 10
+  git -C "$dir" remote set-url origin "$url" 2>/dev/null || git -C "$dir" remote add origin "$url" || exit 10
   git -C "$dir" fetch --tags --force --prune origin || exit 11
+  # Only clone sets origin/HEAD: follow the remote's default branch (the URL may have changed).
+  git -C "$dir" remote set-head origin --auto >/dev/null 2>&1 || true
 else
-  if [ -e "$dir" ]; then echo "fatal: $dir exists and is not a git checkout"; exit 12; fi
+  if [ -e "$dir" ] && [ -n "$(ls -A "$dir" 2>/dev/null)" ]; then echo "fatal: $dir exists and is not a git checkout"; exit 12; fi
   git clone --no-checkout -- "$url" "$dir" || exit 13
 fi
 if [ -n "$rev" ]; then
-  commit=$(git -C "$dir" rev-parse --verify --quiet "origin/$rev^{commit}" || git -C "$dir" rev-parse --verify --quiet "$rev^{commit}") || { echo "fatal: ref $rev not found in $url"; exit 14; }
+  commit=$(git -C "$dir" rev-parse --verify --quiet "refs/remotes/origin/$rev^{commit}" || git -C "$dir" rev-parse --verify --quiet "refs/tags/$rev^{commit}" || git -C "$dir" rev-parse --verify --quiet "$rev^{commit}") || { echo "fatal: ref $rev not found in $url"; exit 14; }
 else
-  commit=$(git -C "$dir" rev-parse --verify --quiet "origin/HEAD^{commit}") || { echo "fatal: the remote has no default branch"; exit 15; }
+  commit=$(git -C "$dir" rev-parse --verify --quiet "refs/remotes/origin/HEAD^{commit}") || { echo "fatal: the remote has no default branch"; exit 15; }
 fi
 git -C "$dir" checkout --quiet --force --detach "$commit" || exit 16
 git -C "$dir" submodule --quiet update --init --recursive || exit 17
+if [ -n "$known" ] && [ "$commit" = "$head" ] && [ "$commit" = "$known" ]; then echo "$mark present $commit"; fi
 echo "$mark commit $commit"
 "#;
 
@@ -905,18 +1010,11 @@ async fn step(
         pty: true,
         timeout: Some(instance.config.step_timeout),
     };
-    let client = match instance.session.client().await {
-        Ok(c) => c,
-        Err(e) => {
-            return Ok(StepResult {
-                status: ExitStatus::Closed,
-                marks: vec![],
-                errors: vec![format!("cannot reach the instance: {e}")],
-                tail: vec![],
-            });
-        }
-    };
-    let mut process = match client.exec_with(&argv, opts).await {
+    let token = run.token.clone();
+    // Through the session: a connection found dead when the channel is opened is replaced once
+    // (nothing ran yet), instead of failing the pack.
+    let started = or_cancel(&token, instance.session.exec_with(&argv, opts)).await?;
+    let mut process = match started {
         Ok(p) => p,
         Err(e) => {
             return Ok(StepResult {
@@ -935,8 +1033,12 @@ async fn step(
     };
     let mut tick = tokio::time::interval(run.inner.flush_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lines = 0u64;
     loop {
         let event = tokio::select! {
+            biased;
+            // Returning drops `process`: its channel is closed, the PTY hangup kills the group.
+            () = token.cancelled() => return Err(Stop::Cancelled),
             e = process.next_event() => e,
             _ = tick.tick() => {
                 run.maybe_flush().await?;
@@ -961,7 +1063,13 @@ async fn step(
                     result.tail.remove(0);
                 }
                 run.line(node, text);
-                run.maybe_flush().await?;
+                lines += 1;
+                if lines == 1 {
+                    // The step's first sign of life is shown at once; later lines are batched.
+                    run.flush().await?;
+                } else {
+                    run.maybe_flush().await?;
+                }
             }
             Some(ProcessEvent::Exit(status)) => {
                 result.status = status;
@@ -987,7 +1095,7 @@ async fn drive(
     token: &CancellationToken,
 ) -> Result<(), Stop> {
     let config = &instance.config;
-    if let Err(e) = instance.session.client().await {
+    if let Err(e) = or_cancel(token, instance.session.client()).await? {
         return fail_whole(run, format!("cannot connect to {}: {e}", config.name)).await;
     }
     let mark = nonce();
@@ -1012,6 +1120,7 @@ async fn drive(
         }
         run.record.current = Some(index);
         let url = raw_git(run.inner, &run.record, index).unwrap_or_default();
+        let public = without_credentials(&url);
         let node = &mut run.record.nodes[index];
         node.status = NodeStatus::Fetching;
         node.error = None;
@@ -1022,6 +1131,7 @@ async fn drive(
             url,
             node.rev.clone().unwrap_or_default(),
             known.get(&node.name).cloned().unwrap_or_default(),
+            public,
         ];
         run.node_changed(index);
         run.flush().await?;
@@ -1133,14 +1243,26 @@ async fn drive(
         }
     }
 
+    // A pack put in place by this install — in this run or, when resumed, in an earlier one
+    // (`changed` only knows this run) — needs the restart before ComfyUI can have loaded it.
+    changed |= run
+        .record
+        .nodes
+        .iter()
+        .any(|n| n.status == NodeStatus::Installed && !n.already_present);
     let to_verify: Vec<usize> = (0..run.record.nodes.len())
         .filter(|&i| run.record.nodes[i].status == NodeStatus::Installed)
         .collect();
-    if !to_verify.is_empty() {
-        let forward = match instance
-            .session
-            .forward_local("127.0.0.1", config.comfyui_port)
-            .await
+    // `restart: false`: ComfyUI is left alone (it may be running jobs), so nothing can be
+    // verified and the packs stay `installed`.
+    if !to_verify.is_empty() && run.record.spec.restart {
+        let forward = match or_cancel(
+            token,
+            instance
+                .session
+                .forward_local("127.0.0.1", config.comfyui_port),
+        )
+        .await?
         {
             Ok(f) => f,
             Err(e) => {
@@ -1151,7 +1273,7 @@ async fn drive(
         if changed {
             run.phase(InstallPhase::Restarting);
             run.flush().await?;
-            if let Err(e) = restart(run, instance, &base, &mark).await {
+            if let Err(e) = restart(run, instance, &base, &mark).await? {
                 return fail_whole(run, e).await;
             }
         }
@@ -1160,7 +1282,12 @@ async fn drive(
         }
         run.phase(InstallPhase::Verifying);
         run.flush().await?;
-        let info = match wait_object_info(&base, config.restart_timeout, token).await {
+        let info = match or_cancel(
+            token,
+            wait_object_info(&base, config.restart_timeout, token),
+        )
+        .await?
+        {
             Ok(info) => info,
             Err(e) => return fail_whole(run, e).await,
         };
@@ -1175,10 +1302,12 @@ async fn drive(
                 .map(|(c, _)| c.clone())
                 .collect();
             found.sort();
+            // From this pack's module: the same class name loaded from another pack does not
+            // show that this one works.
             let missing: Vec<&String> = node
                 .expected_classes
                 .iter()
-                .filter(|c| !info.contains_key(*c))
+                .filter(|c| !found.contains(*c))
                 .collect();
             if found.is_empty() {
                 node.status = NodeStatus::Failed;
@@ -1224,7 +1353,13 @@ async fn drive(
     let now = run.inner.clock.now();
     run.record.finished_at = Some(now);
     run.record.current = None;
-    if counts.succeeded == counts.total && models_failed == 0 {
+    // Without a restart the packs cannot be verified: `installed` is as far as they get.
+    let packs_ok = if run.record.spec.restart {
+        counts.succeeded == counts.total
+    } else {
+        counts.failed == 0
+    };
+    if packs_ok && models_failed == 0 {
         run.record.state = InstallState::Succeeded;
     } else {
         run.record.state = InstallState::Failed;
@@ -1250,14 +1385,16 @@ async fn drive(
     run.flush().await
 }
 
-/// Restarts ComfyUI and waits until the old process is gone (its WebSocket closes).
+/// Restarts ComfyUI and waits until the old process is gone (its WebSocket closes). The outer
+/// error stops the run (cancelled, store failure); the inner one fails the install.
 async fn restart(
     run: &mut Run<'_>,
     instance: &Instance,
     base: &str,
     mark: &str,
-) -> Result<(), String> {
+) -> Result<Result<(), String>, Stop> {
     let config = &instance.config;
+    let token = run.token.clone();
     // A socket opened before the restart closes when the old process goes away; without it a
     // quick check could still read the old catalogue.
     let ws_url = format!(
@@ -1265,30 +1402,45 @@ async fn restart(
         base.replacen("http://", "ws://", 1),
         run.record.id
     );
-    let socket = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(ws_url),
+    let socket = or_cancel(
+        &token,
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(ws_url),
+        ),
     )
-    .await
+    .await?
     .ok()
     .and_then(Result::ok)
     .map(|(s, _)| s);
+    if socket.is_none() {
+        tracing::warn!(install = %run.record.id, "no WebSocket to ComfyUI before its restart: cannot tell when the old process is gone");
+    }
     match &config.restart {
         RestartMethod::Manager => {
-            let client = http_client()?;
-            let res = client
-                .get(format!("{base}/api/manager/reboot"))
-                .send()
-                .await;
+            let client = match http_client() {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            let res = or_cancel(
+                &token,
+                client.get(format!("{base}/api/manager/reboot")).send(),
+            )
+            .await?;
             match res {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
-                    return Err("ComfyUI-Manager's /api/manager/reboot is not there: install ComfyUI-Manager or configure a restart command".into());
+                    return Ok(Err("ComfyUI-Manager's /api/manager/reboot is not there: install ComfyUI-Manager or configure a restart command".into()));
                 }
                 Ok(r) if r.status() == reqwest::StatusCode::FORBIDDEN => {
-                    return Err("ComfyUI-Manager refused the reboot (security level); configure a restart command".into());
+                    return Ok(Err("ComfyUI-Manager refused the reboot (security level); configure a restart command".into()));
                 }
-                Ok(r) => return Err(format!("ComfyUI-Manager's reboot answered {}", r.status())),
+                Ok(r) => {
+                    return Ok(Err(format!(
+                        "ComfyUI-Manager's reboot answered {}",
+                        r.status()
+                    )));
+                }
                 // The process may exit before answering.
                 Err(e) => tracing::debug!(error = %e, "reboot request ended without an answer"),
             }
@@ -1296,32 +1448,38 @@ async fn restart(
         RestartMethod::Command(argv) => {
             let mut args = vec![mark.to_owned()];
             args.extend(argv.iter().cloned());
-            let res = step(run, instance, None, "shift; exec \"$@\"", args, mark)
-                .await
-                .map_err(|e| e.to_string())?;
+            // A cancel or a store failure stops the run (`?`): it is not a failed restart.
+            let res = step(run, instance, None, "shift; exec \"$@\"", args, mark).await?;
             if !res.status.success() {
-                return Err(res.describe("restart command"));
+                return Ok(Err(res.describe("restart command")));
             }
         }
-        RestartMethod::Custom(r) => r.restart().await?,
+        RestartMethod::Custom(r) => {
+            if let Err(e) = or_cancel(&token, r.restart()).await? {
+                return Ok(Err(e));
+            }
+        }
     }
     if let Some(mut socket) = socket {
-        let closed = tokio::time::timeout(config.restart_timeout, async {
-            while let Some(msg) = socket.next().await {
-                if msg.is_err() {
-                    break;
+        let closed = or_cancel(
+            &token,
+            tokio::time::timeout(config.restart_timeout, async {
+                while let Some(msg) = socket.next().await {
+                    if msg.is_err() {
+                        break;
+                    }
                 }
-            }
-        })
-        .await;
+            }),
+        )
+        .await?;
         if closed.is_err() {
-            return Err(format!(
+            return Ok(Err(format!(
                 "ComfyUI did not go down within {:?} of the restart",
                 config.restart_timeout
-            ));
+            )));
         }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 fn http_client() -> Result<reqwest::Client, String> {
@@ -1397,6 +1555,31 @@ mod tests {
             r.describe("requirements"),
             "requirements failed (exit code 1): ERROR: No matching distribution found for nopkg"
         );
+    }
+
+    #[test]
+    fn credentials_are_stripped_from_the_origin_url() {
+        for (url, public) in [
+            (
+                "https://tok@github.com/a/b.git",
+                "https://github.com/a/b.git",
+            ),
+            ("https://u:p@h:8443/a@b", "https://h:8443/a@b"),
+            ("https://h/a.git", "https://h/a.git"),
+            ("ssh://git@h/a.git", "ssh://git@h/a.git"),
+            ("git@github.com:a/b.git", "git@github.com:a/b.git"),
+            ("file:///srv/a", "file:///srv/a"),
+        ] {
+            assert_eq!(without_credentials(url), public, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_zero_flush_period_is_clamped() {
+        let installer = SshInstaller::builder(Arc::new(comfyfleet_core::MemoryStore::new()))
+            .flush_every(Duration::ZERO)
+            .build();
+        assert!(installer.inner.flush_every >= Duration::from_millis(1));
     }
 
     #[test]

@@ -480,6 +480,36 @@ impl SpillOverSettings {
     }
 }
 
+#[cfg(feature = "ssh")]
+fn load_registry(config: &FleetConfig) -> Result<Registry, FleetError> {
+    match &config.install_registry {
+        Some(path) => Registry::from_file(path).map_err(|e| FleetError::Backend {
+            id: "install_registry".into(),
+            reason: e.to_string(),
+        }),
+        None => Ok(Registry::default()),
+    }
+}
+
+/// Only the custom-node installer of `config` (no engine, no job processing, no resuming of
+/// other processes' installs), for short-lived tools such as `comfyfleet install-nodes`: it
+/// starts, follows and cancels installs in the configured store. `None` when the configuration
+/// has no SSH instances.
+#[cfg(feature = "ssh")]
+pub async fn start_installer(config: &FleetConfig) -> Result<Option<SshInstaller>, FleetError> {
+    let (_, install_store) = open_stores(&config.store).await?;
+    let mut b = SshInstaller::builder(install_store).registry(load_registry(config)?);
+    let mut any = false;
+    for backend in &config.backends {
+        if let BackendConfig::Ssh(s) = backend {
+            let built = s.build(&|var| std::env::var(var).ok()).await?;
+            b = b.instance(built.instance, built.session);
+            any = true;
+        }
+    }
+    Ok(any.then(|| b.build()))
+}
+
 /// A running fleet: an engine over a store and backends.
 pub struct Fleet {
     engine: Engine,
@@ -574,16 +604,9 @@ impl Fleet {
         let installer = if instances.is_empty() {
             None
         } else {
-            let registry = match &config.install_registry {
-                Some(path) => Registry::from_file(path).map_err(|e| FleetError::Backend {
-                    id: "install_registry".into(),
-                    reason: e.to_string(),
-                })?,
-                None => Registry::default(),
-            };
             let refresh = engine.clone();
             let mut b = SshInstaller::builder(install_store)
-                .registry(registry)
+                .registry(load_registry(&config)?)
                 // New packs change what the instance can run: refresh the catalogues now, so
                 // missing-node routing sees them without waiting for the next interval.
                 .on_installed(move |_instance| {

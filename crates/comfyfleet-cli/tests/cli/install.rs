@@ -108,11 +108,11 @@ start_timeout_secs = 30.0
         self.inst.comfy().join(".comfyfleet-comfyui.pid")
     }
 
+    /// The pid in the pid file (`PID START`: the process's start time follows it).
     fn managed_pid(&self) -> Option<String> {
         std::fs::read_to_string(self.pid_file())
             .ok()
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
+            .and_then(|s| s.split_whitespace().next().map(str::to_owned))
     }
 }
 

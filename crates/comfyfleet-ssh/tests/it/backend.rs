@@ -127,3 +127,75 @@ async fn health_reports_an_unreachable_instance() {
     let h = backend.health().await;
     assert!(!h.healthy, "{h:?}");
 }
+
+/// Answers every GET with `200 {}`: enough for the backend's "is ComfyUI up" check.
+const TINY_SERVER: &str = r#"import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recycled_pid_is_neither_taken_for_comfyui_nor_killed() {
+    use std::os::unix::process::CommandExt;
+    let sshd = TestSshd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("server.py"), TINY_SERVER).unwrap();
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(python.stdout).unwrap().trim().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut instance = InstanceConfig::new("gpu-managed", dir.path().to_string_lossy());
+    instance.comfyui_port = port;
+    let mut config = SshBackendConfig::new(instance);
+    config.start_command = Some(vec![python, "server.py".into(), port.to_string()]);
+    config.start_timeout = Duration::from_secs(10);
+    let kh = sshd.write_known_hosts().unwrap();
+    let backend = SshBackend::connect(config, SshSession::new(target(&sshd, kh)))
+        .await
+        .unwrap();
+    let pid_file = dir.path().join(".comfyfleet-comfyui.pid");
+    let recorded = std::fs::read_to_string(&pid_file).unwrap();
+    let old_start = recorded.split_whitespace().nth(1).unwrap_or("1").to_owned();
+
+    // ComfyUI is gone (the instance rebooted, say) and its pid now names another process — a
+    // process-group leader, like most daemons.
+    backend.stop_comfyui().await.unwrap();
+    let mut decoy = std::process::Command::new("sleep")
+        .arg("600")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // A pid file without a start time (or from before the reboot) is not taken on trust.
+    std::fs::write(&pid_file, format!("{}\n", decoy.id())).unwrap();
+    backend
+        .ensure_started()
+        .await
+        .expect("ComfyUI was started again");
+    let started = std::fs::read_to_string(&pid_file).unwrap();
+    std::fs::write(&pid_file, format!("{} {old_start}\n", decoy.id())).unwrap();
+    // (the restart's own start finds the port taken by the ComfyUI started above: that one
+    // answers)
+    backend.restart().await.unwrap();
+    assert!(
+        decoy.try_wait().unwrap().is_none(),
+        "an unrelated process was killed"
+    );
+    backend.stop_comfyui().await.unwrap();
+    std::fs::write(&pid_file, started).unwrap();
+    backend.stop_comfyui().await.unwrap();
+    let _ = decoy.kill();
+    let _ = decoy.wait();
+}

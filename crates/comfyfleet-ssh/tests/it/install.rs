@@ -6,10 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use comfyfleet_core::install::{
-    InstallEventKind, InstallSpec, InstallState, InstallStore, ModelSpec, NodeSpec, NodeStatus,
-    RequirementsStatus,
+    InstallEventKind, InstallPhase, InstallRecord, InstallSpec, InstallState, InstallStore,
+    ModelSpec, NodeProgress, NodeSpec, NodeStatus, RequirementsStatus,
 };
-use comfyfleet_core::{InstallId, MemoryStore};
+use comfyfleet_core::{InstallId, MemoryStore, StoreError};
 use comfyfleet_ssh::SshSession;
 use comfyfleet_ssh::installer::{InstallError, InstanceConfig, Registry, SshInstaller};
 use comfyfleet_testkit::TestInstance;
@@ -531,4 +531,285 @@ async fn injection_payloads_never_run() {
         done.nodes[0]
     );
     assert!(!canary.exists(), "a payload ran");
+}
+
+async fn install(installer: &SshInstaller, spec: InstallSpec) -> InstallRecord {
+    let id = installer.start(spec).await.unwrap().id;
+    installer.wait(id).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_ref_follows_the_remote_and_an_unchanged_pack_is_left_alone() {
+    let inst = Instance::start().await;
+    let (pinned, first) = inst.pack("moving-pack", &["MovingNode"], None);
+    let (plain, _) = inst.pack("plain-pack", &["PlainNode"], Some("numpy\n"));
+    let installer = inst.installer(Arc::new(MemoryStore::new()));
+    let spec = InstallSpec::new(
+        "gpu-1",
+        vec![node(&pinned, Some("main")), node(&plain, None)],
+    );
+    let done = install(&installer, spec.clone()).await;
+    assert_eq!(done.state, InstallState::Succeeded, "{done:?}");
+    assert_eq!(done.nodes[0].commit.as_deref(), Some(first.as_str()));
+    assert_eq!(inst.sim.stats().restarts, 1);
+
+    // Nothing moved: a branch and the default branch are fetched, found unchanged, and neither
+    // pip nor a restart runs.
+    let again = install(&installer, spec.clone()).await;
+    assert_eq!(again.state, InstallState::Succeeded, "{again:?}");
+    assert!(again.nodes.iter().all(|n| n.already_present), "{again:?}");
+    assert_eq!(inst.sim.stats().restarts, 1, "nothing changed, no restart");
+
+    // The branch moves upstream: the next install checks out its new head (it used to resolve
+    // the clone's stale local branch and report the old commit as present).
+    let repo = inst.root.path().join("repos/moving-pack");
+    std::fs::write(
+        repo.join("__init__.py"),
+        "NODE_CLASS_MAPPINGS = {\n    \"MovingNode\": object,\n    \"MovedNode\": object,\n}\n",
+    )
+    .unwrap();
+    git(&repo, &["commit", "-qam", "moved"]);
+    let second = git(&repo, &["rev-parse", "HEAD"]);
+    let moved = install(&installer, spec).await;
+    assert_eq!(moved.state, InstallState::Succeeded, "{moved:?}");
+    assert_eq!(moved.nodes[0].commit.as_deref(), Some(second.as_str()));
+    assert!(!moved.nodes[0].already_present);
+    assert!(moved.nodes[0].classes.contains(&"MovedNode".to_owned()));
+    assert_eq!(inst.sim.stats().restarts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_url_with_another_default_branch_is_followed() {
+    let inst = Instance::start().await;
+    let (first, _) = inst.pack("src-a", &["SourceNode"], None);
+    let (second, _) = inst.pack("src-b", &["SourceNode", "ForkNode"], None);
+    git(
+        &inst.root.path().join("repos/src-b"),
+        &["branch", "-m", "main", "trunk"],
+    );
+    let installer = inst.installer(Arc::new(MemoryStore::new()));
+    let named = |url: &str| NodeSpec {
+        name: Some("source-pack".into()),
+        git: Some(url.to_owned()),
+        ..NodeSpec::default()
+    };
+    let done = install(&installer, InstallSpec::new("gpu-1", vec![named(&first)])).await;
+    assert_eq!(done.state, InstallState::Succeeded, "{done:?}");
+    // The fork's default branch is `trunk`; `origin/HEAD` from the first clone named `main`.
+    let done = install(&installer, InstallSpec::new("gpu-1", vec![named(&second)])).await;
+    assert_eq!(done.state, InstallState::Succeeded, "{done:?}");
+    assert!(done.nodes[0].classes.contains(&"ForkNode".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_install_restarts_for_packs_installed_before_the_crash() {
+    let inst = Instance::start().await;
+    let (url, head) = inst.pack("early-pack", &["EarlyNode"], None);
+    // What an orchestrator that died between the packs and the restart left behind: the pack
+    // checked out and recorded `installed`, ComfyUI not restarted yet.
+    git(
+        &inst.comfy().join("custom_nodes"),
+        &["clone", "-q", &url, "early-pack"],
+    );
+    let store = Arc::new(MemoryStore::new());
+    let spec = InstallSpec::new("gpu-1", vec![node(&url, None)]);
+    let progress = NodeProgress {
+        name: "early-pack".into(),
+        git: url.clone(),
+        rev: None,
+        status: NodeStatus::Installed,
+        requirements: RequirementsStatus::None,
+        commit: Some(head),
+        already_present: false,
+        expected_classes: vec![],
+        classes: vec![],
+        error: None,
+    };
+    let mut record = InstallRecord::new(
+        InstallId::new(),
+        spec,
+        vec![progress],
+        comfyfleet_core::Timestamp::from_millis(0),
+    );
+    record.state = InstallState::Running;
+    record.phase = InstallPhase::Nodes;
+    store.create_install(&record).await.unwrap();
+
+    let installer = inst.installer(store.clone());
+    assert_eq!(installer.recover().await.unwrap(), vec![record.id]);
+    let done = installer.wait(record.id).await.unwrap();
+    assert_eq!(done.state, InstallState::Succeeded, "{done:?}");
+    assert_eq!(inst.sim.stats().restarts, 1, "the restart was not skipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_restart_comfyui_is_left_alone_and_packs_stay_installed() {
+    let inst = Instance::start().await;
+    let (url, _) = inst.pack("quiet-pack", &["QuietNode"], None);
+    let installer = inst.installer(Arc::new(MemoryStore::new()));
+    let mut spec = InstallSpec::new("gpu-1", vec![node(&url, None)]);
+    spec.restart = false;
+    let done = install(&installer, spec).await;
+    assert_eq!(inst.sim.stats().restarts, 0, "ComfyUI was restarted");
+    assert_eq!(done.nodes[0].status, NodeStatus::Installed, "{done:?}");
+    assert_eq!(done.state, InstallState::Succeeded, "{done:?}");
+    assert_eq!(done.error, None);
+    assert!(
+        installer.inventory("gpu-1").await.unwrap().is_empty(),
+        "unverified packs are not recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expected_classes_must_come_from_the_pack_itself() {
+    let inst = Instance::start().await;
+    let (other, _) = inst.pack("other-pack", &["SharedNode"], None);
+    let (own, _) = inst.pack("own-pack", &["OwnNode"], None);
+    let installer = inst.installer(Arc::new(MemoryStore::new()));
+    let done = install(
+        &installer,
+        InstallSpec::new(
+            "gpu-1",
+            vec![
+                node(&other, None),
+                NodeSpec {
+                    classes: vec!["SharedNode".into()],
+                    ..node(&own, None)
+                },
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(done.nodes[0].status, NodeStatus::Succeeded);
+    assert_eq!(done.nodes[1].status, NodeStatus::Failed, "{done:?}");
+}
+
+/// A store whose install updates fail while `fail` is set.
+struct FlakyStore {
+    inner: MemoryStore,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl InstallStore for FlakyStore {
+    async fn create_install(
+        &self,
+        record: &InstallRecord,
+    ) -> Result<comfyfleet_core::install::InstallEvent, StoreError> {
+        self.inner.create_install(record).await
+    }
+    async fn get_install(&self, id: InstallId) -> Result<Option<InstallRecord>, StoreError> {
+        self.inner.get_install(id).await
+    }
+    async fn list_installs(
+        &self,
+        filter: &comfyfleet_core::InstallFilter,
+    ) -> Result<Vec<InstallRecord>, StoreError> {
+        self.inner.list_installs(filter).await
+    }
+    async fn update_install(
+        &self,
+        record: &InstallRecord,
+        events: &[InstallEventKind],
+    ) -> Result<Vec<comfyfleet_core::install::InstallEvent>, StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Backend("injected".into()));
+        }
+        self.inner.update_install(record, events).await
+    }
+    async fn install_events(
+        &self,
+        id: InstallId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<comfyfleet_core::install::InstallEvent>, StoreError> {
+        self.inner.install_events(id, after, limit).await
+    }
+    async fn instance_packs(
+        &self,
+        instance: &str,
+    ) -> Result<Vec<comfyfleet_core::install::InstalledPack>, StoreError> {
+        self.inner.instance_packs(instance).await
+    }
+    async fn record_packs(
+        &self,
+        packs: &[comfyfleet_core::install::InstalledPack],
+    ) -> Result<(), StoreError> {
+        self.inner.record_packs(packs).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_returns_when_the_run_cannot_write_its_end() {
+    let inst = Instance::start().await;
+    let (slow, _) = inst.pack("slow-pack", &["SlowNode"], Some("hang\n"));
+    let store = Arc::new(FlakyStore {
+        inner: MemoryStore::new(),
+        fail: false.into(),
+    });
+    let installer = inst.installer(store.clone());
+    let id = installer
+        .start(InstallSpec::new("gpu-1", vec![node(&slow, None)]))
+        .await
+        .unwrap()
+        .id;
+    let pid_file = inst.hang_pid();
+    wait_for("the remote pip to start", || pid_file.exists()).await;
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // The run cannot store its cancelled end: cancel reports that instead of waiting forever
+    // for a terminal state nobody will write.
+    store.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let res = tokio::time::timeout(Duration::from_secs(20), installer.cancel(id))
+        .await
+        .expect("cancel hung");
+    assert!(matches!(res, Err(InstallError::Store(_))), "{res:?}");
+    wait_for("the remote process to die", || !pid_alive(&pid)).await;
+    assert!(installer.running().is_empty());
+
+    // Once the store works again, cancel settles it.
+    store.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let cancelled = installer.cancel(id).await.unwrap();
+    assert_eq!(cancelled.state, InstallState::Cancelled);
+    assert_eq!(cancelled.nodes[0].status, NodeStatus::Cancelled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_stay_in_the_checkout_or_the_events() {
+    let inst = Instance::start().await;
+    let (url, _) = inst.pack("private-pack", &["PrivateNode"], None);
+    git(
+        &inst.comfy().join("custom_nodes"),
+        &["clone", "-q", &url, "private-pack"],
+    );
+    let installer = inst.installer(Arc::new(MemoryStore::new()));
+    // The fetch fails (nothing listens there) after the URL was set on the checkout.
+    let done = install(
+        &installer,
+        InstallSpec::new(
+            "gpu-1",
+            vec![NodeSpec {
+                name: Some("private-pack".into()),
+                git: Some("https://secret-token@127.0.0.1:1/private-pack.git".into()),
+                ..NodeSpec::default()
+            }],
+        ),
+    )
+    .await;
+    assert_eq!(done.nodes[0].status, NodeStatus::Failed, "{done:?}");
+    let config =
+        std::fs::read_to_string(inst.comfy().join("custom_nodes/private-pack/.git/config"))
+            .unwrap();
+    assert!(!config.contains("secret-token"), "{config}");
+    assert!(
+        config.contains("https://127.0.0.1:1/private-pack.git"),
+        "{config}"
+    );
+    let events =
+        serde_json::to_string(&installer.events(done.id, 0, 10_000).await.unwrap()).unwrap();
+    assert!(!events.contains("secret-token"), "{events}");
+    assert!(!format!("{:?}", done.redacted()).contains("secret-token"));
 }
