@@ -93,7 +93,96 @@ const REQUIREMENTS: &[Requirement] = &[
         check: || on_path("ssh-keygen") && on_path("ssh-agent") && on_path("ssh-add"),
         install: &[apt_install!["openssh-client"]],
     },
+    // The PostgreSQL tests: `comfyfleet_testkit::pg::TestPostgres` runs private clusters with
+    // the server binaries (`initdb`, `pg_ctl`, `postgres` under /usr/lib/postgresql/<v>/bin) and
+    // checks them with `psql`; the store tests (`comfyfleet-store-postgres/tests/`) use the
+    // system server (next requirement).
+    Requirement {
+        name: "postgresql",
+        check: || pg_server_binaries() && on_path("psql") && on_path("pg_isready"),
+        install: &[apt_install!["postgresql"]],
+    },
+    // The PostgreSQL store tests use `postgres://postgres@127.0.0.1:5432/test` unless
+    // `COMFYFLEET_TEST_PG_URL` names another server (then only that one is checked).
+    Requirement {
+        name: "postgresql test database (127.0.0.1:5432/test, trust)",
+        check: pg_test_database_ok,
+        install: &[&["sh", "-c", PG_TEST_DATABASE_SCRIPT]],
+    },
 ];
+
+/// Makes the system PostgreSQL serve database `test` to user `postgres` on 127.0.0.1:5432 with
+/// trust authentication (a fresh Debian cluster wants a password over TCP): puts a trust rule for
+/// 127.0.0.1 at the top of every cluster's `pg_hba.conf` (once), starts the clusters (`service`,
+/// else `pg_ctlcluster`), reloads them so the rule applies to an already running one, waits for
+/// the port, and creates the database unless it exists. Idempotent. A fixed script: nothing in it
+/// comes from the user or the environment.
+const PG_TEST_DATABASE_SCRIPT: &str = r#"set -eu
+rule='host all all 127.0.0.1/32 trust # added by cargo xtask setup (comfyfleet tests)'
+for hba in /etc/postgresql/*/*/pg_hba.conf; do
+    [ -f "$hba" ] || continue
+    grep -qxF "$rule" "$hba" || sed -i "1i $rule" "$hba"
+done
+if ! service postgresql start; then
+    for conf in /etc/postgresql/*/*; do
+        [ -d "$conf" ] || continue
+        pg_ctlcluster "$(basename "$(dirname "$conf")")" "$(basename "$conf")" start || true
+    done
+fi
+if ! service postgresql reload; then
+    for conf in /etc/postgresql/*/*; do
+        [ -d "$conf" ] || continue
+        pg_ctlcluster "$(basename "$(dirname "$conf")")" "$(basename "$conf")" reload || true
+    done
+fi
+i=0
+until pg_isready -q -h 127.0.0.1 -p 5432; do
+    i=$((i + 1))
+    [ "$i" -lt 60 ] || { echo "postgresql is not accepting on 127.0.0.1:5432" >&2; exit 1; }
+    sleep 0.5
+done
+psql -X -h 127.0.0.1 -p 5432 -U postgres -d test -Atc 'select 1' >/dev/null 2>&1     || createdb -h 127.0.0.1 -p 5432 -U postgres test
+"#;
+
+/// Whether `initdb`, `pg_ctl` and `postgres` are installed where `TestPostgres` looks: on
+/// `$PATH`, or together under `/usr/lib/postgresql/<version>/bin`.
+fn pg_server_binaries() -> bool {
+    const BINS: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
+    if BINS.iter().all(|b| on_path(b)) {
+        return true;
+    }
+    std::fs::read_dir("/usr/lib/postgresql").is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|entry| {
+            let bin = entry.path().join("bin");
+            BINS.iter().all(|b| is_executable(&bin.join(b)))
+        })
+    })
+}
+
+/// Whether the store tests' server answers: `COMFYFLEET_TEST_PG_URL` when set, else database
+/// `test` as `postgres` on 127.0.0.1:5432.
+fn pg_test_database_ok() -> bool {
+    if let Ok(url) = env::var("COMFYFLEET_TEST_PG_URL") {
+        return command_ok("psql", &["-X", "-d", &url, "-Atc", "select 1"]);
+    }
+    command_ok("pg_isready", &["-q", "-h", "127.0.0.1", "-p", "5432"])
+        && command_ok(
+            "psql",
+            &[
+                "-X",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "5432",
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+                "-Atc",
+                "select 1",
+            ],
+        )
+}
 
 /// `cargo xtask setup`.
 pub fn run() -> Result<()> {
@@ -293,6 +382,11 @@ mod tests {
             format!("{err:#}").contains("COMFYFLEET_SKIP_SETUP"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn postgres_setup_script_parses() {
+        assert!(command_ok("sh", &["-n", "-c", PG_TEST_DATABASE_SCRIPT]));
     }
 
     #[test]

@@ -317,6 +317,14 @@ pub enum StoreError {
     /// or another writer changed the record first.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// [`crate::AttemptStart::capacity`]: the backend already runs that many attempts.
+    #[error("backend {backend} is at its capacity of {capacity} across the fleet")]
+    BackendFull {
+        /// The backend.
+        backend: crate::ids::BackendId,
+        /// Its capacity.
+        capacity: u32,
+    },
     /// The database file or server is unusable: corrupt, foreign, from a newer schema.
     #[error("store is unusable: {0}")]
     Unusable(String),

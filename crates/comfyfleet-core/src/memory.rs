@@ -11,10 +11,12 @@ use async_trait::async_trait;
 
 use crate::error::{ErrorKind, ExecutionError, StoreError, TimeoutPhase};
 use crate::event::{Event, EventKind};
-use crate::ids::JobId;
+use crate::ids::{BackendId, JobId};
 use crate::job::{Attempt, AttemptOutcome, JobRecord, JobState, LeaseInfo};
 use crate::store::*;
+use crate::strategy::{Restriction, RestrictionKind};
 use crate::time::Timestamp;
+use crate::workflow::WorkflowHash;
 
 pub mod installs;
 
@@ -30,13 +32,25 @@ struct Inner {
     next_event: u64,
     next_order: u64,
     leader: Option<(String, Timestamp)>,
+    restrictions: BTreeMap<RestrictionKey, Restriction>,
     installs: installs::Installs,
 }
 
-/// An in-memory [`TaskStore`].
-#[derive(Debug, Default)]
+/// An in-memory [`TaskStore`]. Engines sharing one (in one process) get its change hints
+/// ([`TaskStore::changes`]).
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            inner: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -49,6 +63,42 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave a half-applied change visible to callers
         // that matter (tests abort); keep serving instead of poisoning every later call.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lock for a change that frees or adds work: the change hint goes out once the lock
+    /// is released (the change is visible by then).
+    fn write(&self) -> WriteGuard<'_> {
+        WriteGuard {
+            guard: Some(self.lock()),
+            changes: &self.changes,
+        }
+    }
+}
+
+struct WriteGuard<'a> {
+    guard: Option<MutexGuard<'a, Inner>>,
+    changes: &'a tokio::sync::watch::Sender<u64>,
+}
+
+impl std::ops::Deref for WriteGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        // Invariant: `guard` is `Some` until `drop`.
+        self.guard.as_deref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for WriteGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        // Invariant: `guard` is `Some` until `drop`.
+        self.guard.as_deref_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -80,6 +130,18 @@ impl Inner {
         };
         self.events.insert(ev.id, ev.clone());
         ev
+    }
+
+    /// Attempts on `backend` that started and have not ended (any job). A scan: the memory
+    /// store is for tests and single processes, where the engine counts its own.
+    fn open_attempts(&self, backend: &BackendId) -> u32 {
+        let n = self
+            .jobs
+            .values()
+            .flat_map(|j| j.attempts.iter())
+            .filter(|a| a.ended_at.is_none() && &a.backend == backend)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 
     fn fenced(&mut self, lease: &Lease) -> Result<&mut JobRecord, StoreError> {
@@ -201,7 +263,7 @@ impl TaskStore for MemoryStore {
         new.spec
             .validate()
             .map_err(|e| StoreError::InvalidInput(e.to_string()))?;
-        let mut s = self.lock();
+        let mut s = self.write();
         if let Some(key) = &new.spec.idempotency_key
             && let Some(existing) = s.idempotency.get(key)
         {
@@ -326,7 +388,7 @@ impl TaskStore for MemoryStore {
         reason: &str,
         now: Timestamp,
     ) -> Result<Vec<Event>, StoreError> {
-        let mut s = self.lock();
+        let mut s = self.write();
         let job = s.fenced(lease)?;
         if open_attempt(job, lease.attempt).is_some() {
             return Err(StoreError::InvalidTransition {
@@ -378,6 +440,15 @@ impl TaskStore for MemoryStore {
                 "a reattached attempt needs its remote id".into(),
             ));
         }
+        if let Some(capacity) = start.capacity
+            && s.open_attempts(&start.backend) >= capacity
+        {
+            return Err(StoreError::BackendFull {
+                backend: start.backend,
+                capacity,
+            });
+        }
+        let job = s.fenced(lease)?;
         job.attempts.push(Attempt {
             number: lease.attempt,
             backend: start.backend.clone(),
@@ -451,7 +522,7 @@ impl TaskStore for MemoryStore {
         completion: Completion,
         now: Timestamp,
     ) -> Result<Vec<Event>, StoreError> {
-        let mut s = self.lock();
+        let mut s = self.write();
         let job = s.fenced(lease)?;
         let state = job.state;
         let Some(backend) = close_attempt(
@@ -495,7 +566,7 @@ impl TaskStore for MemoryStore {
         failure: Failure,
         now: Timestamp,
     ) -> Result<Vec<Event>, StoreError> {
-        let mut s = self.lock();
+        let mut s = self.write();
         let job = s.fenced(lease)?;
         let backend = close_attempt(
             job,
@@ -522,7 +593,7 @@ impl TaskStore for MemoryStore {
         reason: &str,
         now: Timestamp,
     ) -> Result<CancelResult, StoreError> {
-        let mut s = self.lock();
+        let mut s = self.write();
         let job = s.jobs.get(&id).ok_or(StoreError::NotFound(id))?;
         let (outcome, events) = match job.state {
             JobState::Pending | JobState::RetryWait => {
@@ -540,7 +611,7 @@ impl TaskStore for MemoryStore {
         reason: &str,
         now: Timestamp,
     ) -> Result<CancelResult, StoreError> {
-        let mut s = self.lock();
+        let mut s = self.write();
         let job = s.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
         let (outcome, events) = match job.state {
             JobState::Pending | JobState::RetryWait => {
@@ -565,7 +636,7 @@ impl TaskStore for MemoryStore {
         steps: Vec<crate::job::CancelStep>,
         now: Timestamp,
     ) -> Result<Vec<Event>, StoreError> {
-        let mut s = self.lock();
+        let mut s = self.write();
         let job = s.fenced(lease)?;
         let reason = "force-cancelled";
         close_attempt(
@@ -582,7 +653,7 @@ impl TaskStore for MemoryStore {
     }
 
     async fn detach(&self, lease: &Lease, now: Timestamp) -> Result<Vec<Event>, StoreError> {
-        let mut s = self.lock();
+        let mut s = self.write();
         let job = s.fenced(lease)?;
         close_attempt(
             job,
@@ -611,7 +682,7 @@ impl TaskStore for MemoryStore {
     }
 
     async fn reap(&self, options: &ReapOptions, now: Timestamp) -> Result<ReapReport, StoreError> {
-        let mut s = self.lock();
+        let mut s = self.write();
         let mut ids: Vec<JobId> = s
             .jobs
             .values()
@@ -720,6 +791,31 @@ impl TaskStore for MemoryStore {
         Ok(doomed.len() as u64)
     }
 
+    async fn backend_load(&self) -> Result<BTreeMap<BackendId, u32>, StoreError> {
+        let s = self.lock();
+        let mut load = BTreeMap::new();
+        for a in s.jobs.values().flat_map(|j| j.attempts.iter()) {
+            if a.ended_at.is_none() {
+                *load.entry(a.backend.clone()).or_insert(0u32) += 1;
+            }
+        }
+        Ok(load)
+    }
+
+    async fn share_restrictions(
+        &self,
+        mine: &[Restriction],
+        now: Timestamp,
+    ) -> Result<Vec<Restriction>, StoreError> {
+        let mut s = self.lock();
+        merge_restrictions(&mut s.restrictions, mine, now);
+        Ok(s.restrictions.values().cloned().collect())
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
+    }
+
     async fn try_lead(
         &self,
         owner: &str,
@@ -736,6 +832,29 @@ impl TaskStore for MemoryStore {
         }
         Ok(free)
     }
+}
+
+/// The key a shared [`Restriction`] is stored under: one per backend, kind and structure.
+pub type RestrictionKey = (BackendId, RestrictionKind, Option<WorkflowHash>);
+
+/// [`TaskStore::share_restrictions`] on a map (shared with the durable stores' reference
+/// behaviour): `mine` is merged in, a stored restriction keeping the later `until` (and its
+/// reason), and those that lifted by `now` are dropped.
+pub fn merge_restrictions(
+    stored: &mut BTreeMap<RestrictionKey, Restriction>,
+    mine: &[Restriction],
+    now: Timestamp,
+) {
+    for r in mine {
+        let key = (r.backend.clone(), r.kind, r.structure.clone());
+        match stored.get(&key) {
+            Some(old) if old.until >= r.until => {}
+            _ => {
+                stored.insert(key, r.clone());
+            }
+        }
+    }
+    stored.retain(|_, r| r.until > now);
 }
 
 /// The reaper's rule for one non-terminal job (shared with the durable stores' reference

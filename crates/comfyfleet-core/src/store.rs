@@ -42,6 +42,10 @@
 //!   the job's deadline; an idempotency key matches any stored job, finished or not, until it is
 //!   pruned; a duplicate job id is `InvalidInput`; `list` returns `next = None` exactly on the
 //!   last page. Event sequences per transition are those of `MemoryStore`.
+//! * **Fleet capacity.** `start_attempt` with [`AttemptStart::capacity`] counts the backend's
+//!   open attempts (any job, any owner) and refuses with [`StoreError::BackendFull`] at the
+//!   capacity, atomically with the insert: orchestrators sharing a store never run more than
+//!   a backend's capacity between them. `backend_load` reports the same counts.
 //! * No implementation holds a transaction across a call to a backend (the trait makes that
 //!   impossible: every method is one short unit of work).
 
@@ -60,6 +64,7 @@ use crate::job::{
     PhaseDeadline,
 };
 use crate::progress::Progress;
+use crate::strategy::Restriction;
 use crate::time::Timestamp;
 
 /// A job to enqueue. The caller picks the id (`JobId::new()`), so that a retried enqueue after a
@@ -136,6 +141,10 @@ pub struct AttemptStart {
     pub skipped: Vec<Skip>,
     /// The first supervision phase.
     pub phase: Option<PhaseDeadline>,
+    /// The backend's capacity across every orchestrator sharing the store: the store refuses
+    /// the attempt with [`StoreError::BackendFull`] (changing nothing) while the backend already
+    /// has this many open attempts. `None`: not checked (one orchestrator counts its own).
+    pub capacity: Option<u32>,
 }
 
 /// Things that happened during an attempt, written together (progress writes are coalesced by
@@ -534,6 +543,34 @@ pub trait TaskStore: Send + Sync + 'static {
     async fn backup(&self, dest: &Path) -> Result<(), StoreError> {
         let _ = dest;
         Err(StoreError::NotSupported("backup"))
+    }
+
+    /// Open attempts (started, not yet ended) per backend, across every orchestrator sharing
+    /// the store; backends without one are absent. What [`AttemptStart::capacity`] is checked
+    /// against.
+    async fn backend_load(&self) -> Result<BTreeMap<BackendId, u32>, StoreError> {
+        Err(StoreError::NotSupported("backend_load"))
+    }
+
+    /// Shares restrictions (workflow blocks, open circuits) between orchestrators: stores
+    /// `mine` (a restriction already stored for the same backend, kind and structure keeps the
+    /// later `until`), forgets those that lifted by `now`, and returns every one still in force,
+    /// in (backend, kind, structure) order.
+    async fn share_restrictions(
+        &self,
+        mine: &[Restriction],
+        now: Timestamp,
+    ) -> Result<Vec<Restriction>, StoreError> {
+        let _ = (mine, now);
+        Err(StoreError::NotSupported("share_restrictions"))
+    }
+
+    /// A wake-up hint shared by orchestrators: the value changes when another process
+    /// enqueued, released or requeued a job, or appended events (PostgreSQL's `LISTEN/NOTIFY`).
+    /// Only a hint: a lost one delays, never loses, work, as callers keep polling. `None`: the
+    /// store has no such channel.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
     }
 
     /// Takes or renews the maintenance leadership for `ttl`; true if `owner` leads now.

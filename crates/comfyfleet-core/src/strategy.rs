@@ -152,11 +152,19 @@ pub trait FailoverStrategy: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// What currently keeps work away from backends (blocks, open circuits), for operators.
-    /// Advisory; the default strategy-less answer is "nothing".
+    /// What currently keeps work away from backends (blocks, open circuits), for operators
+    /// and for the other orchestrators sharing the store. The default answer is "nothing".
     fn restrictions(&self, now: Timestamp) -> Vec<Restriction> {
         let _ = now;
         Vec::new()
+    }
+
+    /// Restrictions in force across the fleet (from [`crate::TaskStore::share_restrictions`]):
+    /// another orchestrator blocked a backend for a workflow or opened its circuit. A strategy
+    /// that keeps such state applies those it does not have yet (or has with an earlier
+    /// `until`). The default ignores them.
+    fn adopt(&self, restrictions: &[Restriction], now: Timestamp) {
+        let _ = (restrictions, now);
     }
 }
 
@@ -179,7 +187,7 @@ pub struct Restriction {
 }
 
 /// The kind of a [`Restriction`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RestrictionKind {

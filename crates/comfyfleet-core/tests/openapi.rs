@@ -959,6 +959,7 @@ async fn what_a_store_returns_matches() {
                     phase: TimeoutPhase::Dispatch,
                     deadline: None,
                 }),
+                capacity: None,
             },
             now,
         )

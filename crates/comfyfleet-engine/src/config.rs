@@ -51,6 +51,14 @@ pub struct EngineConfig {
     /// Capacity of the live event channel; slower subscribers get a `Lagged` signal (default
     /// 4096).
     pub event_buffer: usize,
+    /// Several orchestrators share the store (PostgreSQL, or one SQLite file for several
+    /// workers): each backend's capacity is counted in the store across all of them (an
+    /// attempt the store refuses as full goes to another backend or waits), and workflow
+    /// blocks and open circuits are shared (default off: this engine counts its own).
+    pub shared_store: bool,
+    /// With `shared_store`: how often restrictions are exchanged with the other orchestrators
+    /// (default 1 s).
+    pub share_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +83,8 @@ impl Default for EngineConfig {
             stuck_after: None,
             max_crash_requeues: 3,
             event_buffer: 4096,
+            shared_store: false,
+            share_interval: Duration::from_secs(1),
         }
     }
 }

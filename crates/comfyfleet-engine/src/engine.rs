@@ -108,6 +108,11 @@ pub(crate) struct Inner {
     pub(crate) detach: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) durations: Mutex<HashMap<WorkflowHash, Duration>>,
+    /// With `shared_store`: open attempts per backend across every orchestrator, as last read.
+    fleet_load: Mutex<HashMap<BackendId, u32>>,
+    /// The store's change hints (another orchestrator's work); they end only idle waits, so
+    /// our own writes never drive a claim loop.
+    hint: Notify,
     started: AtomicBool,
 }
 
@@ -169,14 +174,46 @@ impl Inner {
         self.slots.iter().find(|s| &s.id == id)
     }
 
+    fn fleet_load(&self) -> MutexGuard<'_, HashMap<BackendId, u32>> {
+        self.fleet_load.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Executions on `slot`: ours, or with `shared_store` every orchestrator's as last read
+    /// from the store (whichever is larger: ours may not be in the store yet).
+    fn load_of(&self, slot: &BackendSlot, fleet: &HashMap<BackendId, u32>) -> u32 {
+        let ours = slot.in_flight.load(Ordering::SeqCst);
+        ours.max(fleet.get(&slot.id).copied().unwrap_or(0))
+    }
+
     fn has_free_slot(&self) -> bool {
+        let fleet = self.fleet_load();
+        self.slots.iter().any(|s| {
+            self.load_of(s, &fleet) < s.caps.max_concurrent
+                && matches!(s.state().availability, Availability::Active)
+        })
+    }
+
+    /// Whether one of our own slots is free (with `shared_store`, others may be using it).
+    fn has_free_local_slot(&self) -> bool {
         self.slots.iter().any(|s| {
             s.in_flight.load(Ordering::SeqCst) < s.caps.max_concurrent
                 && matches!(s.state().availability, Availability::Active)
         })
     }
 
+    /// With `shared_store`: reads every orchestrator's executions per backend.
+    async fn refresh_fleet_load(&self) {
+        if !self.config.shared_store {
+            return;
+        }
+        match self.store.backend_load().await {
+            Ok(load) => *self.fleet_load() = load.into_iter().collect(),
+            Err(e) => warn!(error = %e, "could not read the fleet's backend load"),
+        }
+    }
+
     fn candidates(&self) -> Vec<Candidate> {
+        let fleet = self.fleet_load();
         self.slots
             .iter()
             .map(|s| {
@@ -185,12 +222,20 @@ impl Inner {
                     id: s.id.clone(),
                     capabilities: s.caps.clone(),
                     inventory: st.inventory.clone(),
-                    in_flight: s.in_flight.load(Ordering::SeqCst),
+                    in_flight: self.load_of(s, &fleet),
                     health: st.health.clone(),
                     availability: st.availability.clone(),
                 }
             })
             .collect()
+    }
+
+    /// An idle wait: also ends on a change hint from the store.
+    async fn idle(&self, d: Duration) {
+        tokio::select! {
+            _ = self.hint.notified() => {}
+            _ = self.sleep_or_wake(d) => {}
+        }
     }
 
     async fn sleep_or_wake(&self, d: Duration) {
@@ -210,8 +255,15 @@ impl Inner {
                 break;
             }
             self.publish_notices();
+            self.refresh_fleet_load().await;
             if !self.has_free_slot() {
-                self.sleep_or_wake(self.config.idle_poll).await;
+                if self.config.shared_store && self.has_free_local_slot() {
+                    // Busy with other orchestrators' work, which ends without waking us
+                    // (unless the store's change hint does): look again soon.
+                    self.idle(self.config.capacity_wait / 10).await;
+                } else {
+                    self.sleep_or_wake(self.config.idle_poll).await;
+                }
                 continue;
             }
             let now = self.clock.now();
@@ -228,7 +280,7 @@ impl Inner {
                         self.sleep_or_wake(self.config.capacity_wait).await;
                     }
                 }
-                Ok(None) => self.sleep_or_wake(self.config.idle_poll).await,
+                Ok(None) => self.idle(self.config.idle_poll).await,
                 Err(e) => {
                     warn!(error = %e, "claim failed; retrying");
                     self.sleep_or_wake(self.config.idle_poll).await;
@@ -298,6 +350,7 @@ impl Inner {
                         reattached: true,
                         skipped: Vec::new(),
                         phase: None,
+                        capacity: None,
                     };
                     match self.store.start_attempt(lease, start, now).await {
                         Ok(ev) => {
@@ -329,77 +382,99 @@ impl Inner {
             return true;
         }
 
-        let candidates = self.candidates();
-        let placement = self.strategy.pick(job, &workflow, &candidates, now).await;
-        self.publish_notices();
-        match placement {
-            Placement::Run { backend, skipped } => {
-                let Some(slot) = self.slot(&backend).cloned() else {
-                    let err = ExecutionError::new(
-                        comfyfleet_core::ErrorKind::Internal,
-                        format!("strategy picked unknown backend {backend}"),
-                    );
-                    self.fail_unplaced(&claimed, err).await;
-                    return true;
-                };
-                let guard = SlotGuard::acquire(slot.clone(), self.wake.clone());
-                let start = comfyfleet_core::AttemptStart {
-                    backend: backend.clone(),
-                    remote: None,
-                    reattached: false,
-                    skipped,
-                    phase: Some(comfyfleet_core::PhaseDeadline {
-                        phase: TimeoutPhase::Dispatch,
-                        deadline: Some(now.add(self.config.dispatch_timeout)),
-                    }),
-                };
-                match self.store.start_attempt(lease, start, now).await {
-                    Ok(ev) => {
-                        self.publish(ev);
-                        self.spawn_attempt(claimed.clone(), workflow, guard, None);
-                    }
-                    Err(e) => warn!(job = %lease.job, error = %e, "could not record the attempt"),
-                }
-                true
+        // Backends the store refused as full (other orchestrators use them): looked at again
+        // as busy, so the strategy picks another or the job waits.
+        let mut refused: Vec<BackendId> = Vec::new();
+        loop {
+            let mut candidates = self.candidates();
+            for c in candidates.iter_mut().filter(|c| refused.contains(&c.id)) {
+                c.in_flight = c.in_flight.max(c.capabilities.max_concurrent);
             }
-            Placement::Wait { reason, until, .. } => {
-                let run_at = until.unwrap_or_else(|| now.add(self.config.capacity_wait));
-                if let Some(deadline) = job.deadline
-                    && run_at >= deadline
-                {
-                    let err = ExecutionError::timeout(
-                        TimeoutPhase::Queued,
-                        deadline.since(job.created_at),
-                        None,
-                    )
-                    .with_detail(ErrorDetail::Timeout {
-                        phase: TimeoutPhase::Queued,
-                        after_ms: u64::try_from(deadline.since(job.created_at).as_millis())
-                            .unwrap_or(u64::MAX),
-                    });
-                    let err = ExecutionError {
-                        message: format!("{}; last reason: {reason}", err.message),
-                        ..err
+            let placement = self.strategy.pick(job, &workflow, &candidates, now).await;
+            self.publish_notices();
+            match placement {
+                Placement::Run { backend, skipped } => {
+                    let Some(slot) = self.slot(&backend).cloned() else {
+                        let err = ExecutionError::new(
+                            comfyfleet_core::ErrorKind::Internal,
+                            format!("strategy picked unknown backend {backend}"),
+                        );
+                        self.fail_unplaced(&claimed, err).await;
+                        return true;
                     };
-                    self.fail_unplaced(&claimed, err).await;
-                    return true;
-                }
-                match self.store.release(lease, run_at, &reason, now).await {
-                    Ok(ev) => {
-                        self.publish(ev);
-                        // A block that runs out is a known moment; capacity and health are
-                        // not, and a freed slot or a passing health check wakes us anyway.
-                        if until.is_some() {
-                            self.wake_at(run_at);
+                    let guard = SlotGuard::acquire(slot.clone(), self.wake.clone());
+                    let capacity = slot.caps.max_concurrent;
+                    let start = comfyfleet_core::AttemptStart {
+                        backend: backend.clone(),
+                        remote: None,
+                        reattached: false,
+                        skipped,
+                        phase: Some(comfyfleet_core::PhaseDeadline {
+                            phase: TimeoutPhase::Dispatch,
+                            deadline: Some(now.add(self.config.dispatch_timeout)),
+                        }),
+                        capacity: self.config.shared_store.then_some(capacity),
+                    };
+                    match self.store.start_attempt(lease, start, now).await {
+                        Ok(ev) => {
+                            self.publish(ev);
+                            self.spawn_attempt(claimed.clone(), workflow, guard, None);
+                        }
+                        Err(StoreError::BackendFull { .. }) if refused.len() < self.slots.len() => {
+                            drop(guard);
+                            debug!(job = %lease.job, %backend, "backend full across the fleet; trying another");
+                            let mut fleet = self.fleet_load();
+                            let seen = fleet.entry(backend.clone()).or_insert(0);
+                            *seen = (*seen).max(capacity);
+                            drop(fleet);
+                            refused.push(backend);
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(job = %lease.job, error = %e, "could not record the attempt")
                         }
                     }
-                    Err(e) => warn!(job = %lease.job, error = %e, "could not release"),
+                    return true;
                 }
-                false
-            }
-            Placement::Impossible { error, .. } => {
-                self.fail_unplaced(&claimed, error).await;
-                true
+                Placement::Wait { reason, until, .. } => {
+                    let run_at = until.unwrap_or_else(|| now.add(self.config.capacity_wait));
+                    if let Some(deadline) = job.deadline
+                        && run_at >= deadline
+                    {
+                        let err = ExecutionError::timeout(
+                            TimeoutPhase::Queued,
+                            deadline.since(job.created_at),
+                            None,
+                        )
+                        .with_detail(ErrorDetail::Timeout {
+                            phase: TimeoutPhase::Queued,
+                            after_ms: u64::try_from(deadline.since(job.created_at).as_millis())
+                                .unwrap_or(u64::MAX),
+                        });
+                        let err = ExecutionError {
+                            message: format!("{}; last reason: {reason}", err.message),
+                            ..err
+                        };
+                        self.fail_unplaced(&claimed, err).await;
+                        return true;
+                    }
+                    match self.store.release(lease, run_at, &reason, now).await {
+                        Ok(ev) => {
+                            self.publish(ev);
+                            // A block that runs out is a known moment; capacity and health are
+                            // not, and a freed slot or a passing health check wakes us anyway.
+                            if until.is_some() {
+                                self.wake_at(run_at);
+                            }
+                        }
+                        Err(e) => warn!(job = %lease.job, error = %e, "could not release"),
+                    }
+                    return false;
+                }
+                Placement::Impossible { error, .. } => {
+                    self.fail_unplaced(&claimed, error).await;
+                    return true;
+                }
             }
         }
     }
@@ -499,9 +574,52 @@ impl Inner {
         Ok(report)
     }
 
+    /// With `shared_store`: exchanges restrictions (workflow blocks, open circuits) with the
+    /// other orchestrators through the store.
+    async fn share_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.share_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now = self.clock.now();
+            let mine = self.strategy.restrictions(now);
+            match self.store.share_restrictions(&mine, now).await {
+                Ok(all) => {
+                    self.strategy.adopt(&all, now);
+                    self.publish_notices();
+                }
+                Err(StoreError::NotSupported(_)) => {
+                    warn!("the store cannot share restrictions between orchestrators");
+                    break;
+                }
+                Err(e) => warn!(error = %e, "could not share restrictions"),
+            }
+        }
+    }
+
+    /// Wakes the dispatcher on the store's change hints (another orchestrator enqueued or
+    /// released work); polling goes on regardless.
+    async fn hint_loop(self: Arc<Self>, mut changes: tokio::sync::watch::Receiver<u64>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                r = changes.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    self.hint.notify_one();
+                }
+            }
+        }
+    }
+
     async fn maintenance_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.maintenance_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leading = false;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -510,7 +628,20 @@ impl Inner {
             self.publish_notices();
             let now = self.clock.now();
             let ttl = self.config.maintenance_interval * 3;
-            match self.store.try_lead(&self.config.owner, ttl, now).await {
+            let lead = self.store.try_lead(&self.config.owner, ttl, now).await;
+            match &lead {
+                Ok(true) if !leading => {
+                    info!(owner = %self.config.owner, "maintenance leader: this engine");
+                }
+                Ok(false) if leading => {
+                    info!(owner = %self.config.owner, "maintenance leader: another engine");
+                }
+                _ => {}
+            }
+            if let Ok(l) = &lead {
+                leading = *l;
+            }
+            match lead {
                 Ok(true) => {
                     let options = ReapOptions {
                         dry_run: false,
@@ -620,6 +751,8 @@ impl EngineBuilder {
                 detach: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 durations: Mutex::new(HashMap::new()),
+                fleet_load: Mutex::new(HashMap::new()),
+                hint: Notify::new(),
                 started: AtomicBool::new(false),
             }),
         })
@@ -667,6 +800,12 @@ impl Engine {
         i.tracker.spawn(i.clone().dispatch_loop());
         i.tracker.spawn(i.clone().health_loop());
         i.tracker.spawn(i.clone().maintenance_loop());
+        if i.config.shared_store {
+            i.tracker.spawn(i.clone().share_loop());
+        }
+        if let Some(changes) = i.store.changes() {
+            i.tracker.spawn(i.clone().hint_loop(changes));
+        }
     }
 
     /// Stops taking work and waits up to `grace` for running attempts to finish; attempts still

@@ -407,12 +407,16 @@ impl FailoverStrategy for SmartFailover {
         let mut eligible: Vec<&Candidate> = Vec::new();
         let mut any_temporary = false;
         let mut earliest: Option<Timestamp> = None;
+        // Something may free up at an unknown moment (a busy slot, an unhealthy backend): the
+        // job must not be parked until a later known moment (a block's end).
+        let mut open_ended = false;
         let mut missing_class: Option<String> = None;
         for (c, v) in verdicts {
             match v {
                 Verdict::Eligible => eligible.push(c),
                 Verdict::Temporary(reason, until) => {
                     any_temporary = true;
+                    open_ended |= until.is_none();
                     earliest = min_time(earliest, until);
                     skipped.push(Skip {
                         backend: c.id.clone(),
@@ -421,6 +425,7 @@ impl FailoverStrategy for SmartFailover {
                 }
                 Verdict::Full(reason) => {
                     any_temporary = true;
+                    open_ended = true;
                     skipped.push(Skip {
                         backend: c.id.clone(),
                         reason,
@@ -444,7 +449,7 @@ impl FailoverStrategy for SmartFailover {
             if any_temporary {
                 return Placement::Wait {
                     reason: format!("no backend can take it now ({})", summary(&skipped)),
-                    until: earliest,
+                    until: if open_ended { None } else { earliest },
                     skipped,
                 };
             }
@@ -545,6 +550,51 @@ impl FailoverStrategy for SmartFailover {
         let mut s = self.lock();
         self.expire(&mut s, now);
         std::mem::take(&mut s.notices)
+    }
+
+    fn adopt(&self, restrictions: &[Restriction], now: Timestamp) {
+        let mut s = self.lock();
+        for r in restrictions.iter().filter(|r| r.until > now) {
+            match (r.kind, &r.structure) {
+                (RestrictionKind::Blocked, Some(structure)) => {
+                    let key = (r.backend.clone(), structure.clone());
+                    if s.blocks.get(&key).is_some_and(|b| b.until >= r.until) {
+                        continue;
+                    }
+                    s.blocks.insert(
+                        key,
+                        Block {
+                            until: r.until,
+                            reason: r.reason.clone(),
+                        },
+                    );
+                    s.notices.push(FleetEvent::BackendBlocked {
+                        backend: r.backend.clone(),
+                        structure: structure.clone(),
+                        until: r.until,
+                        reason: format!("{} (seen by another orchestrator)", r.reason),
+                    });
+                }
+                (RestrictionKind::Blocked, None) => {}
+                (RestrictionKind::CircuitOpen, _) => {
+                    let threshold = self.config.circuit_threshold;
+                    let c = s.circuits.entry(r.backend.clone()).or_default();
+                    if c.open_until.is_some_and(|t| t >= r.until) {
+                        continue;
+                    }
+                    let was_open = c.open_until.is_some();
+                    c.open_until = Some(r.until);
+                    c.failures = c.failures.max(threshold);
+                    if !was_open {
+                        s.notices.push(FleetEvent::CircuitOpened {
+                            backend: r.backend.clone(),
+                            until: r.until,
+                            reason: format!("{} (seen by another orchestrator)", r.reason),
+                        });
+                    }
+                }
+            }
+        }
     }
 
     fn restrictions(&self, now: Timestamp) -> Vec<Restriction> {
@@ -711,6 +761,7 @@ impl SmartFailover {
         let mut owned_later = false;
         let mut cloud_later = false;
         let mut earliest: Option<Timestamp> = None;
+        let mut open_ended = false;
         let mut missing_class: Option<String> = None;
         let mut cloud_in_flight: u32 = 0;
         for (c, v) in verdicts {
@@ -733,16 +784,19 @@ impl SmartFailover {
                 }
                 Verdict::Full(reason) if cloud => {
                     cloud_later = true;
+                    open_ended = true;
                     reason
                 }
                 Verdict::Full(reason) => {
                     owned_later = true;
+                    open_ended = true;
                     let w = expected_wait(c, per_job);
                     local_wait = Some(local_wait.map_or(w, |l| l.min(w)));
                     owned_skips.push(skipped.len());
                     format!("{reason}, expected wait {w:?}")
                 }
                 Verdict::Temporary(reason, until) => {
+                    open_ended |= until.is_none();
                     earliest = min_time(earliest, until);
                     if cloud {
                         cloud_later = true;
@@ -800,7 +854,7 @@ impl SmartFailover {
                      spill-over threshold {threshold:?} ({})",
                     summary(&skipped)
                 ),
-                until: earliest,
+                until: if open_ended { None } else { earliest },
                 skipped,
             };
         }
@@ -861,7 +915,7 @@ impl SmartFailover {
         if owned_later || cloud_later || gated {
             return Placement::Wait {
                 reason: format!("no backend can take it now ({})", summary(&skipped)),
-                until: earliest,
+                until: if open_ended || gated { None } else { earliest },
                 skipped,
             };
         }
@@ -1156,6 +1210,64 @@ mod tests {
             w.structure_hash(),
             Timestamp::EPOCH.add(Duration::from_secs(60))
         ));
+    }
+
+    #[tokio::test]
+    async fn restrictions_of_another_orchestrator_are_adopted() {
+        let (a, b) = (strategy(), strategy());
+        let (j, w) = (job().await, workflow());
+        let t0 = Timestamp::EPOCH;
+        let gpu = BackendId::new("gpu");
+        // A: a start timeout blocks gpu for this structure; five 5xx open flaky's circuit.
+        let t = ExecutionError::timeout(TimeoutPhase::Start, Duration::from_secs(5), None);
+        a.on_failure(&j, &w, &gpu, &t, t0).await;
+        let flaky = BackendId::new("flaky");
+        for _ in 0..5 {
+            a.on_failure(&j, &w, &flaky, &ExecutionError::transient("503"), t0)
+                .await;
+        }
+        let shared = a.restrictions(t0);
+        assert_eq!(shared.len(), 2, "{shared:?}");
+
+        // B never saw those failures; after adopting A's restrictions it avoids both.
+        assert_eq!(
+            picked(&b.pick(&j, &w, &[cand("gpu", 0, 1)], t0).await),
+            "gpu"
+        );
+        b.adopt(&shared, t0);
+        assert!(b.is_blocked(&gpu, w.structure_hash(), t0));
+        let p = b.pick(&j, &w, &[cand("flaky", 0, 1)], t0).await;
+        assert!(matches!(p, Placement::Wait { .. }), "{p:?}");
+        let notices = b.take_notices(t0);
+        assert!(
+            notices.iter().any(
+                |n| matches!(n, FleetEvent::BackendBlocked { backend, .. } if *backend == gpu)
+            ),
+            "{notices:?}"
+        );
+        assert!(
+            notices.iter().any(
+                |n| matches!(n, FleetEvent::CircuitOpened { backend, .. } if *backend == flaky)
+            ),
+            "{notices:?}"
+        );
+        // Adopting the same again changes nothing and says nothing; an earlier `until` does not
+        // shorten a block.
+        b.adopt(&shared, t0);
+        let earlier: Vec<Restriction> = shared
+            .iter()
+            .map(|r| Restriction {
+                until: t0.add(Duration::from_secs(1)),
+                ..r.clone()
+            })
+            .collect();
+        b.adopt(&earlier, t0);
+        assert!(b.take_notices(t0).is_empty());
+        assert!(b.is_blocked(&gpu, w.structure_hash(), t0.add(Duration::from_secs(2))));
+        // Lifted ones (until <= now) are ignored.
+        let c = strategy();
+        c.adopt(&shared, t0.add(Duration::from_secs(3600)));
+        assert!(c.restrictions(t0).is_empty());
     }
 
     #[tokio::test]

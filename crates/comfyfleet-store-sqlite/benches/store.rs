@@ -45,6 +45,7 @@ fn start() -> AttemptStart {
         reattached: false,
         skipped: Vec::new(),
         phase: None,
+        capacity: None,
     }
 }
 

@@ -45,7 +45,10 @@
 //!   Tables: `jobs` (scalar columns for everything queried, JSON for the rest), `attempts`,
 //!   append-only `events` (the global event id is its `AUTOINCREMENT` key), `job_labels`,
 //!   `leader`, `meta`; for installs (schema version 2) `installs` (queried columns plus the
-//!   whole record as JSON), append-only `install_events` and `instance_packs`.
+//!   whole record as JSON), append-only `install_events` and `instance_packs`; for several
+//!   orchestrators on one file (schema version 3) `restrictions` (shared blocks and open
+//!   circuits) and a partial index on open attempts, which `start_attempt` counts against a
+//!   capacity inside its `BEGIN IMMEDIATE` transaction.
 //! * **Installs.** A partial unique index on `installs (instance) WHERE state IN ('queued',
 //!   'running')` makes "one active install per instance" hold under any race; `update_install`
 //!   is one `UPDATE … WHERE id = ? AND version = ? AND state IN ('queued', 'running')` plus its
@@ -688,6 +691,23 @@ impl TaskStore for SqliteStore {
             out
         })
         .await
+    }
+
+    async fn backend_load(
+        &self,
+    ) -> Result<std::collections::BTreeMap<comfyfleet_core::BackendId, u32>, StoreError> {
+        self.read(ops::backend_load).await
+    }
+
+    async fn share_restrictions(
+        &self,
+        mine: &[comfyfleet_core::Restriction],
+        now: Timestamp,
+    ) -> Result<Vec<comfyfleet_core::Restriction>, StoreError> {
+        let mine = mine.to_vec();
+        self.writer
+            .call(move |c| ops::share_restrictions(c, &mine, now))
+            .await
     }
 
     async fn try_lead(

@@ -408,6 +408,21 @@ pub(crate) fn start_attempt(
             "a reattached attempt needs its remote id".into(),
         ));
     }
+    if let Some(capacity) = start.capacity {
+        // Inside the writer's `BEGIN IMMEDIATE`: no other connection writes between the count
+        // and the insert.
+        let open: i64 = conn
+            .prepare_cached("SELECT count(*) FROM attempts WHERE backend = ?1 AND ended_at IS NULL")
+            .ctx("start_attempt")?
+            .query_row(params![start.backend.as_str()], |r| r.get(0))
+            .ctx("start_attempt")?;
+        if open >= i64::from(capacity) {
+            return Err(StoreError::BackendFull {
+                backend: start.backend,
+                capacity,
+            });
+        }
+    }
     job.attempts.push(comfyfleet_core::Attempt {
         number: lease.attempt,
         backend: start.backend.clone(),
@@ -1074,4 +1089,99 @@ pub(crate) fn try_lead(
         .execute(params![owner, ms(now.add(ttl)), ms(now)])
         .ctx("try_lead")?;
     Ok(n == 1)
+}
+
+pub(crate) fn backend_load(
+    conn: &Connection,
+) -> Result<std::collections::BTreeMap<comfyfleet_core::BackendId, u32>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT backend, count(*) FROM attempts WHERE ended_at IS NULL GROUP BY backend",
+        )
+        .ctx("backend_load")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .ctx("backend_load")?;
+    let mut load = std::collections::BTreeMap::new();
+    for row in rows {
+        let (backend, n) = row.ctx("backend_load")?;
+        load.insert(
+            comfyfleet_core::BackendId::new(backend),
+            u32::try_from(n).unwrap_or(u32::MAX),
+        );
+    }
+    Ok(load)
+}
+
+fn restriction_kind(kind: comfyfleet_core::RestrictionKind) -> &'static str {
+    match kind {
+        comfyfleet_core::RestrictionKind::Blocked => "blocked",
+        comfyfleet_core::RestrictionKind::CircuitOpen => "circuit_open",
+    }
+}
+
+pub(crate) fn share_restrictions(
+    conn: &Connection,
+    mine: &[comfyfleet_core::Restriction],
+    now: Timestamp,
+) -> Result<Vec<comfyfleet_core::Restriction>, StoreError> {
+    {
+        let mut put = conn
+            .prepare_cached(
+                "INSERT INTO restrictions (backend, kind, structure, until, reason) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (backend, kind, structure) DO UPDATE \
+                   SET until = excluded.until, reason = excluded.reason \
+                 WHERE excluded.until > restrictions.until",
+            )
+            .ctx("share_restrictions")?;
+        for r in mine {
+            put.execute(params![
+                r.backend.as_str(),
+                restriction_kind(r.kind),
+                r.structure.as_ref().map(|h| h.as_str()).unwrap_or(""),
+                ms(r.until),
+                r.reason,
+            ])
+            .ctx("share_restrictions")?;
+        }
+    }
+    conn.prepare_cached("DELETE FROM restrictions WHERE until <= ?1")
+        .ctx("share_restrictions")?
+        .execute(params![ms(now)])
+        .ctx("share_restrictions")?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT backend, kind, structure, until, reason FROM restrictions \
+             ORDER BY backend, kind, structure",
+        )
+        .ctx("share_restrictions")?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })
+        .ctx("share_restrictions")?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (backend, kind, structure, until, reason) = row.ctx("share_restrictions")?;
+        let kind = match kind.as_str() {
+            "blocked" => comfyfleet_core::RestrictionKind::Blocked,
+            _ => comfyfleet_core::RestrictionKind::CircuitOpen,
+        };
+        out.push(comfyfleet_core::Restriction {
+            backend: comfyfleet_core::BackendId::new(backend),
+            kind,
+            structure: (!structure.is_empty())
+                .then(|| comfyfleet_core::WorkflowHash::from_hex(structure)),
+            until: Timestamp::from_millis(until),
+            reason,
+        });
+    }
+    Ok(out)
 }

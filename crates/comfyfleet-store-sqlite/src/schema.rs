@@ -23,6 +23,7 @@ const APPLICATION_NAME: &str = "comfyfleet-store-sqlite";
 static MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../migrations/0001_initial.sql")),
     M::up(include_str!("../migrations/0002_installs.sql")),
+    M::up(include_str!("../migrations/0003_fleet.sql")),
 ];
 
 /// The newest schema version this binary knows (`PRAGMA user_version` after migrating).

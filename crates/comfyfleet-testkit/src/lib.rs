@@ -22,6 +22,7 @@ pub mod fake;
 pub mod install_store_conformance;
 pub mod instance;
 mod multipart;
+pub mod pg;
 pub mod runninghub_sim;
 pub mod sshd;
 pub mod store_conformance;
@@ -34,5 +35,6 @@ pub use install_store_conformance::{
     InstallStoreFactory, install_prune_conformance, install_store_conformance,
 };
 pub use instance::TestInstance;
+pub use pg::TestPostgres;
 pub use runninghub_sim::{RunningHubFaults, RunningHubSim, RunningHubSimConfig, RunningHubStats};
 pub use store_conformance::{StoreFactory, store_conformance, store_model_test};

@@ -56,7 +56,8 @@ use comfyfleet_core::{
     Artifact, AttemptOutcome, AttemptStart, AttemptUpdate, BackendId, CancelOutcome, CancelStep,
     Completion, Event, EventKind, EventQuery, ExecutionError, Failure, JobFilter, JobId, JobRecord,
     JobSpec, JobState, Lease, LeaseInfo, NewJob, PhaseDeadline, Progress, ReapAction, ReapOptions,
-    ReapReason, RemoteRef, Skip, StoreError, TaskStore, TimeoutPhase, Timestamp,
+    ReapReason, RemoteRef, Restriction, RestrictionKind, Skip, StoreError, TaskStore, TimeoutPhase,
+    Timestamp, WorkflowHash,
 };
 use futures::FutureExt;
 use proptest::prelude::*;
@@ -103,6 +104,7 @@ fn start_on(backend: BackendId) -> AttemptStart {
         reattached: false,
         skipped: Vec::new(),
         phase: None,
+        capacity: None,
     }
 }
 
@@ -365,6 +367,8 @@ pub async fn store_conformance(factory: &dyn StoreFactory) {
         events_ids_seqs_and_filters,
         prune_deletes_old_terminal_jobs_with_events,
         try_lead_elects_one_leader,
+        start_attempt_with_capacity_counts_every_open_attempt,
+        share_restrictions_merges_and_forgets_lifted_ones,
     );
     if !failed.is_empty() {
         let mut msg = format!(
@@ -822,6 +826,7 @@ async fn start_attempt_records_attempt_and_dispatched_event(s: &dyn TaskStore) {
                 reattached: false,
                 skipped: skipped.clone(),
                 phase: Some(phase),
+                capacity: None,
             },
             at(5),
         )
@@ -880,6 +885,7 @@ async fn start_attempt_reattached_keeps_remote_and_is_not_counted(s: &dyn TaskSt
                 reattached: true,
                 skipped: Vec::new(),
                 phase: None,
+                capacity: None,
             },
             at(4),
         )
@@ -3354,6 +3360,7 @@ impl ModelRun<'_> {
                         phase: TimeoutPhase::Start,
                         deadline: Some(now.add(Duration::from_millis(ms))),
                     }),
+                    capacity: None,
                 };
                 let actual = written(s.start_attempt(&lease, start, now).await);
                 (
@@ -3917,4 +3924,154 @@ pub fn store_model_test(factory: Arc<dyn StoreFactory>, cases: u32) {
             c.counts
         );
     }
+}
+
+fn with_capacity(backend: BackendId, capacity: u32) -> AttemptStart {
+    AttemptStart {
+        capacity: Some(capacity),
+        ..start_on(backend)
+    }
+}
+
+fn load_of(load: &BTreeMap<BackendId, u32>) -> Vec<(String, u32)> {
+    load.iter().map(|(b, n)| (b.to_string(), *n)).collect()
+}
+
+async fn start_attempt_with_capacity_counts_every_open_attempt(s: &dyn TaskStore) {
+    let a = add(s, spec(), at(0)).await;
+    let b = add(s, spec(), at(1)).await;
+    let c = add(s, spec(), at(2)).await;
+    let la = claim_exact(s, "engine-a", at(10), a).await;
+    let lb = claim_exact(s, "engine-b", at(10), b).await;
+    let lc = claim_exact(s, "engine-c", at(10), c).await;
+    assert!(
+        s.backend_load().await.expect("backend_load").is_empty(),
+        "no attempt yet, no load"
+    );
+    s.start_attempt(&la, with_capacity(gpu(1), 1), at(20))
+        .await
+        .expect("the first attempt fits a capacity of 1");
+
+    // Another owner's job on the same backend: full, and nothing changes.
+    let before = must_get(s, b).await;
+    match s.start_attempt(&lb, with_capacity(gpu(1), 1), at(21)).await {
+        Err(StoreError::BackendFull { backend, capacity }) => {
+            assert_eq!(
+                (backend, capacity),
+                (gpu(1), 1),
+                "BackendFull names the backend"
+            )
+        }
+        other => panic!("expected BackendFull for a full backend, got {other:?}"),
+    }
+    let after = must_get(s, b).await;
+    assert_eq!(
+        (after.state, after.attempts.len(), after.last_seq),
+        (before.state, 0, before.last_seq),
+        "a refused attempt records nothing and appends no event"
+    );
+    assert_eq!(
+        after.lease, before.lease,
+        "a refused attempt keeps the claim (the caller releases it)"
+    );
+
+    s.start_attempt(&lb, with_capacity(gpu(1), 2), at(22))
+        .await
+        .expect("a capacity of 2 takes a second attempt");
+    s.start_attempt(&lc, with_capacity(gpu(2), 1), at(23))
+        .await
+        .expect("another backend has its own count");
+    assert_eq!(
+        load_of(&s.backend_load().await.expect("backend_load")),
+        vec![("gpu-1".to_owned(), 2), ("gpu-2".to_owned(), 1)],
+        "open attempts per backend"
+    );
+
+    // Every way an attempt ends frees its place.
+    s.complete(&la, Completion::default(), at(30))
+        .await
+        .expect("complete");
+    assert_eq!(
+        load_of(&s.backend_load().await.expect("backend_load")),
+        vec![("gpu-1".to_owned(), 1), ("gpu-2".to_owned(), 1)],
+        "a completed attempt is no longer open"
+    );
+    s.fail(&lb, failure("boom", Some(at(1_000))), at(31))
+        .await
+        .expect("fail");
+    let reaped = s
+        .reap(&reap_opts(false, None, 3), at(10).add(TTL).add(secs(1)))
+        .await
+        .expect("reap");
+    assert_eq!(reaped.items.len(), 1, "c's lease expired: {reaped:?}");
+    assert!(
+        s.backend_load().await.expect("backend_load").is_empty(),
+        "failed and reaped attempts are no longer open"
+    );
+
+    // Fencing comes first: a stale lease is LeaseLost even when the backend is free.
+    match s.start_attempt(&lb, with_capacity(gpu(1), 1), at(40)).await {
+        Err(StoreError::LeaseLost { .. }) => {}
+        other => panic!("expected LeaseLost for a stale lease, got {other:?}"),
+    }
+    let lb2 = claim_exact(s, "engine-b", at(2_000), b).await;
+    s.start_attempt(&lb2, with_capacity(gpu(1), 1), at(2_001))
+        .await
+        .expect("the freed backend takes the retry");
+}
+
+fn restriction(backend: u8, kind: RestrictionKind, until: i64, reason: &str) -> Restriction {
+    Restriction {
+        backend: gpu(backend),
+        kind,
+        structure: (kind == RestrictionKind::Blocked).then(|| WorkflowHash::from_hex("ab12")),
+        until: at(until),
+        reason: reason.into(),
+    }
+}
+
+async fn share_restrictions_merges_and_forgets_lifted_ones(s: &dyn TaskStore) {
+    use RestrictionKind::{Blocked, CircuitOpen};
+    let none = s.share_restrictions(&[], at(0)).await.expect("share");
+    assert!(none.is_empty(), "a new store shares nothing: {none:?}");
+    // Orchestrator A blocks gpu-2 for a structure and opens gpu-1's circuit.
+    let a = [
+        restriction(2, Blocked, 60_000, "timed out"),
+        restriction(1, CircuitOpen, 30_000, "5xx"),
+    ];
+    let seen = s.share_restrictions(&a, at(0)).await.expect("share");
+    assert_eq!(
+        seen,
+        vec![a[1].clone(), a[0].clone()],
+        "every restriction in (backend, kind, structure) order"
+    );
+    // Orchestrator B shares nothing new and sees A's.
+    assert_eq!(s.share_restrictions(&[], at(1)).await.expect("share"), seen);
+    // An earlier `until` for the same key does not shorten it; a later one extends it.
+    let shorter = restriction(2, Blocked, 10_000, "again");
+    let longer = restriction(1, CircuitOpen, 45_000, "still 5xx");
+    let seen = s
+        .share_restrictions(&[shorter, longer.clone()], at(2))
+        .await
+        .expect("share");
+    assert_eq!(seen, vec![longer.clone(), a[0].clone()], "later until wins");
+    // The same backend blocked for another structure is its own restriction.
+    let other = Restriction {
+        structure: Some(WorkflowHash::from_hex("cd34")),
+        ..restriction(2, Blocked, 50_000, "other")
+    };
+    let seen = s
+        .share_restrictions(std::slice::from_ref(&other), at(3))
+        .await
+        .expect("share");
+    assert_eq!(seen, vec![longer.clone(), a[0].clone(), other.clone()]);
+    // Lifted ones are forgotten: exactly at `until` a restriction no longer holds.
+    let seen = s.share_restrictions(&[], at(45_000)).await.expect("share");
+    assert_eq!(
+        seen,
+        vec![a[0].clone(), other],
+        "the circuit lifted at 45 s"
+    );
+    let seen = s.share_restrictions(&[], at(60_000)).await.expect("share");
+    assert!(seen.is_empty(), "everything lifted: {seen:?}");
 }

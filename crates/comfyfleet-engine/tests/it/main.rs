@@ -7,6 +7,7 @@
     clippy::cloned_ref_to_slice_refs
 )]
 
+mod fleet;
 mod harness;
 mod mocked;
 mod property;

@@ -46,6 +46,7 @@ pub fn start_on(backend: &str) -> AttemptStart {
         reattached: false,
         skipped: Vec::new(),
         phase: None,
+        capacity: None,
     }
 }
 

@@ -277,5 +277,5 @@ async fn a_schema_1_store_is_migrated_and_keeps_its_jobs() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION, "migrated to the current schema");
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(SCHEMA_VERSION, 3);
 }
