@@ -209,6 +209,9 @@ fn cargo_tree_is_empty(krate: &str) -> Result<bool> {
 }
 
 fn bench(extra: &[String]) -> Result<()> {
+    // Benches that drive the real binary (postgres_scale) find it next to their own
+    // executable in target/release.
+    cargo(&["build", "--release", "-p", "comfyfleet-cli"])?;
     let mut args: Vec<&str> = vec!["bench", "-p", "comfyfleet-benches"];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)

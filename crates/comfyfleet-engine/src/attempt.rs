@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::engine::{BackendSlot, Inner};
+use crate::engine::{BackendSlot, Inner, retry_store};
 
 /// Holds one unit of a backend's capacity; gives it back (and wakes the dispatcher) when
 /// dropped, whatever path the attempt took.
@@ -593,12 +593,10 @@ impl AttemptCtx {
             }
             Exit::Detach => {
                 let _ = self.flush().await;
-                match self
-                    .inner
-                    .store
-                    .detach(&self.claimed.lease, self.now())
-                    .await
-                {
+                let now = self.now();
+                let lease = &self.claimed.lease;
+                let store = &self.inner.store;
+                match retry_store(&self.inner, "detaching", || store.detach(lease, now)).await {
                     Ok(ev) => self.inner.publish(ev),
                     Err(e) => warn!(error = %e, "could not detach"),
                 }
@@ -616,12 +614,14 @@ impl AttemptCtx {
             nodes: std::mem::take(&mut self.timings),
             progress,
         };
-        match self
-            .inner
-            .store
-            .complete(&self.claimed.lease, completion, self.now())
-            .await
-        {
+        let now = self.now();
+        let lease = &self.claimed.lease;
+        let store = &self.inner.store;
+        let done = retry_store(&self.inner, "recording success", || {
+            store.complete(lease, completion.clone(), now)
+        })
+        .await;
+        match done {
             Ok(ev) => {
                 self.inner.publish(ev);
                 let run_time = self.dispatched.elapsed();
@@ -670,12 +670,13 @@ impl AttemptCtx {
             retry_at,
             cancel_steps: Vec::new(),
         };
-        match self
-            .inner
-            .store
-            .fail(&self.claimed.lease, failure, now)
-            .await
-        {
+        let lease = &self.claimed.lease;
+        let store = &self.inner.store;
+        let done = retry_store(&self.inner, "recording the failure", || {
+            store.fail(lease, failure.clone(), now)
+        })
+        .await;
+        match done {
             Ok(ev) => {
                 self.inner.publish(ev);
                 self.inner.wake.notify_one();
@@ -732,12 +733,14 @@ impl AttemptCtx {
             // The run finished before the cancel took effect: it stays succeeded.
             return self.succeed(artifacts).await;
         }
-        match self
-            .inner
-            .store
-            .ack_cancel(&self.claimed.lease, steps, self.now())
-            .await
-        {
+        let now = self.now();
+        let lease = &self.claimed.lease;
+        let store = &self.inner.store;
+        let done = retry_store(&self.inner, "recording the cancel", || {
+            store.ack_cancel(lease, steps.clone(), now)
+        })
+        .await;
+        match done {
             Ok(ev) => self.inner.publish(ev),
             Err(e) => warn!(error = %e, "could not record the cancel"),
         }

@@ -21,6 +21,34 @@ use tracing::{debug, info, warn};
 use crate::attempt::{AttemptCtx, SlotGuard};
 use crate::config::EngineConfig;
 
+/// Runs a store write again while it fails for a reason that may pass (a lost connection, a
+/// restarting database), backing off exponentially, for at most `lease_ttl` of waiting in all:
+/// a write fenced by our lease cannot wrongly succeed later (a reclaimed job answers
+/// `LeaseLost`), and giving up early would leave the job for the reaper — and its execution to
+/// run again.
+pub(crate) async fn retry_store<T, F, Fut>(
+    inner: &Inner,
+    what: &'static str,
+    f: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_total_delay(Some(inner.config.lease_ttl))
+        .without_max_times()
+        .with_jitter();
+    f.retry(policy)
+        .sleep(tokio::time::sleep)
+        .when(StoreError::is_temporary)
+        .notify(|e, d| warn!(error = %e, retry_in = ?d, "{what} failed; retrying"))
+        .await
+}
+
 /// Errors from the engine's API.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -415,7 +443,11 @@ impl Inner {
                         }),
                         capacity: self.config.shared_store.then_some(capacity),
                     };
-                    match self.store.start_attempt(lease, start, now).await {
+                    let started = retry_store(self, "recording the attempt", || {
+                        self.store.start_attempt(lease, start.clone(), now)
+                    })
+                    .await;
+                    match started {
                         Ok(ev) => {
                             self.publish(ev);
                             self.spawn_attempt(claimed.clone(), workflow, guard, None);
@@ -458,7 +490,11 @@ impl Inner {
                         self.fail_unplaced(&claimed, err).await;
                         return true;
                     }
-                    match self.store.release(lease, run_at, &reason, now).await {
+                    let released = retry_store(self, "releasing the job", || {
+                        self.store.release(lease, run_at, &reason, now)
+                    })
+                    .await;
+                    match released {
                         Ok(ev) => {
                             self.publish(ev);
                             // A block that runs out is a known moment; capacity and health are

@@ -301,6 +301,12 @@ pub struct EngineSettings {
     pub heartbeat_secs: f64,
     /// Reaper / maintenance interval in seconds.
     pub maintenance_secs: f64,
+    /// Several orchestrator processes share the store: backend capacity is counted in the
+    /// store across all of them, blocks and open circuits are shared. Default: on for
+    /// `postgres://` stores, off otherwise (set it for several workers on one SQLite file).
+    pub shared_store: Option<bool>,
+    /// The engine's name in leases and logs (default: `engine-<uuid>`; unique per process).
+    pub owner: Option<String>,
 }
 
 impl Default for EngineSettings {
@@ -314,6 +320,8 @@ impl Default for EngineSettings {
             lease_ttl_secs: d.lease_ttl.as_secs_f64(),
             heartbeat_secs: d.heartbeat_interval.as_secs_f64(),
             maintenance_secs: d.maintenance_interval.as_secs_f64(),
+            shared_store: None,
+            owner: None,
         }
     }
 }
@@ -368,8 +376,27 @@ pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
     })
 }
 
-/// Opens the store a URL names: `memory:`, or `sqlite:PATH` (feature `sqlite`; the directory is
-/// created if missing). `postgres://` arrives with its store crate.
+/// A store URL fit for errors and logs: a password (and the query string, which may carry
+/// one) hidden.
+pub fn redact_store_url(url: &str) -> String {
+    comfyfleet_core::install::redact_url(url)
+}
+
+/// What [`open_store_set`] opens: jobs, installs, and the input files when the store holds
+/// them (`None`: the fleet keeps them beside the store or in memory).
+pub type StoreSet = (
+    Arc<dyn TaskStore>,
+    Arc<dyn comfyfleet_core::InstallStore>,
+    Option<Arc<dyn comfyfleet_core::InputStore>>,
+);
+
+/// Whether a store URL names a PostgreSQL database.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Opens the store a URL names: `memory:`, `sqlite:PATH` (feature `sqlite`; the directory is
+/// created if missing) or `postgres://…` (feature `postgres`; migrated on open).
 pub async fn open_store(url: &str) -> Result<Arc<dyn TaskStore>, FleetError> {
     Ok(open_stores(url).await?.0)
 }
@@ -378,13 +405,20 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn TaskStore>, FleetError> {
 pub async fn open_stores(
     url: &str,
 ) -> Result<(Arc<dyn TaskStore>, Arc<dyn comfyfleet_core::InstallStore>), FleetError> {
+    let (tasks, installs, _) = open_store_set(url).await?;
+    Ok((tasks, installs))
+}
+
+/// The job store, install store and — where the store keeps them itself (PostgreSQL) — the
+/// input-file store a URL names. See [`open_store`].
+pub async fn open_store_set(url: &str) -> Result<StoreSet, FleetError> {
     let err = |reason: String| FleetError::Store {
-        url: url.to_owned(),
+        url: redact_store_url(url),
         reason,
     };
     if url == "memory:" {
         let store = Arc::new(MemoryStore::new());
-        return Ok((store.clone(), store));
+        return Ok((store.clone(), store, None));
     }
     if let Some(path) = sqlite_path(url) {
         #[cfg(feature = "sqlite")]
@@ -398,7 +432,7 @@ pub async fn open_stores(
                     .await
                     .map_err(|e| err(e.to_string()))?,
             );
-            return Ok((store.clone(), store));
+            return Ok((store.clone(), store, None));
         }
         #[cfg(not(feature = "sqlite"))]
         return Err(err(format!(
@@ -406,12 +440,27 @@ pub async fn open_stores(
             path.display()
         )));
     }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(err(
-            "this build has no PostgreSQL store yet; use sqlite:PATH or memory:".into(),
-        ));
+    if is_postgres(url) {
+        #[cfg(feature = "postgres")]
+        {
+            // The store's errors name the database with its password redacted; `err` would
+            // repeat the URL as given, so say only where.
+            let store = Arc::new(
+                comfyfleet_store_postgres::PostgresStore::connect(url)
+                    .await
+                    .map_err(|e| FleetError::Store {
+                        url: redact_store_url(url),
+                        reason: e.to_string(),
+                    })?,
+            );
+            return Ok((store.clone(), store.clone(), Some(store)));
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err(err("postgres:// needs the `postgres` feature".into()));
     }
-    Err(err("unknown store; use sqlite:PATH or memory:".into()))
+    Err(err(
+        "unknown store; use sqlite:PATH, postgres://USER@HOST/DB or memory:".into(),
+    ))
 }
 
 /// What a fleet is made of.
@@ -534,7 +583,7 @@ impl Fleet {
     /// Builds the store and backends from `config` and starts the engine.
     pub async fn start(config: FleetConfig) -> Result<Fleet, FleetError> {
         #[cfg_attr(not(feature = "ssh"), allow(unused_variables))]
-        let (store, install_store) = open_stores(&config.store).await?;
+        let (store, install_store, store_inputs) = open_store_set(&config.store).await?;
         let mut backends: Vec<(String, Arc<dyn Backend>)> = Vec::new();
         #[cfg(feature = "ssh")]
         let mut instances = Vec::new();
@@ -564,6 +613,11 @@ impl Fleet {
             lease_ttl: secs("lease_ttl_secs", e.lease_ttl_secs)?,
             heartbeat_interval: secs("heartbeat_secs", e.heartbeat_secs)?,
             maintenance_interval: secs("maintenance_secs", e.maintenance_secs)?,
+            shared_store: e.shared_store.unwrap_or_else(|| is_postgres(&config.store)),
+            owner: e
+                .owner
+                .clone()
+                .unwrap_or_else(|| EngineConfig::default().owner),
             ..EngineConfig::default()
         };
         if engine_config.heartbeat_interval.is_zero()
@@ -586,8 +640,11 @@ impl Fleet {
         let mut builder = Engine::builder(store, Arc::new(strategy))
             .backends(backends.iter().map(|(_, b)| b.clone()))
             .config(engine_config);
-        // Input files live next to a SQLite database, so accepted uploads survive restarts.
-        if let Some(db) = sqlite_path(&config.store) {
+        // Input files live next to a SQLite database, so accepted uploads survive restarts; a
+        // PostgreSQL store keeps them itself, for every process.
+        if let Some(inputs) = store_inputs {
+            builder = builder.inputs(inputs);
+        } else if let Some(db) = sqlite_path(&config.store) {
             let dir = db
                 .parent()
                 .map(|d| d.join("inputs"))
@@ -869,13 +926,16 @@ mod tests {
 
     #[tokio::test]
     async fn bad_configs_get_clear_errors() {
+        // Nothing listens on port 1: a quick, clear refusal that never shows the password.
         let err = Fleet::start(FleetConfig {
-            store: "postgres://db/x".into(),
+            store: "postgres://fleet:hunter2@127.0.0.1:1/x".into(),
             ..mem()
         })
         .await
         .unwrap_err();
-        assert!(err.to_string().contains("no PostgreSQL store yet"), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("cannot connect to PostgreSQL"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
         let err = Fleet::start(FleetConfig {
             store: "sqlite:/proc/nope/x.db".into(),
             ..mem()

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +17,16 @@ use crate::harness::{T0, config, strategy};
 struct FlakyHeartbeats {
     inner: Arc<MemoryStore>,
     broken: AtomicBool,
+    /// This many `complete` and `fail` calls fail first (a database restarting).
+    failing_writes: AtomicU32,
+}
+
+impl FlakyHeartbeats {
+    fn write_fails(&self) -> bool {
+        self.failing_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
 }
 
 #[async_trait]
@@ -74,9 +84,15 @@ impl TaskStore for FlakyHeartbeats {
         c: Completion,
         now: Timestamp,
     ) -> Result<Vec<Event>, StoreError> {
+        if self.write_fails() {
+            return Err(StoreError::Backend("connection refused".into()));
+        }
         self.inner.complete(l, c, now).await
     }
     async fn fail(&self, l: &Lease, f: Failure, now: Timestamp) -> Result<Vec<Event>, StoreError> {
+        if self.write_fails() {
+            return Err(StoreError::Backend("connection refused".into()));
+        }
         self.inner.fail(l, f, now).await
     }
     async fn cancel(&self, id: JobId, r: &str, now: Timestamp) -> Result<CancelResult, StoreError> {
@@ -134,6 +150,7 @@ async fn a_lost_lease_does_not_stop_the_run_the_new_owner_reattached() {
     let flaky = Arc::new(FlakyHeartbeats {
         inner: mem.clone(),
         broken: AtomicBool::new(false),
+        failing_writes: AtomicU32::new(0),
     });
     let clock = Arc::new(TokioClock::starting_at(Timestamp::from_millis(T0)));
     let build = |store: Arc<dyn TaskStore>, owner: &str| {
@@ -186,4 +203,44 @@ async fn a_lost_lease_does_not_stop_the_run_the_new_owner_reattached() {
         "the old attempt did not stop the reattached run"
     );
     assert_eq!(stats.succeeded, 1);
+}
+
+/// A database that is down when the run ends (restarting): the engine retries the final write
+/// with backoff instead of leaving the job to the reaper, so it is not run again.
+#[tokio::test(start_paused = true)]
+async fn a_final_write_during_a_database_outage_is_retried_and_nothing_runs_twice() {
+    let gpu = FakeBackend::builder("gpu").build();
+    let mem = Arc::new(MemoryStore::new());
+    let flaky = Arc::new(FlakyHeartbeats {
+        inner: mem.clone(),
+        broken: AtomicBool::new(false),
+        failing_writes: AtomicU32::new(6),
+    });
+    let engine = Engine::builder(flaky.clone(), strategy())
+        .backend(gpu.clone() as Arc<dyn Backend>)
+        .config(config())
+        .clock(Arc::new(TokioClock::starting_at(Timestamp::from_millis(
+            T0,
+        ))))
+        .build()
+        .unwrap();
+    engine.start();
+    let id = engine
+        .submit(JobSpec::new(workflows::invert()))
+        .await
+        .unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(3600), engine.wait_for(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(
+        flaky.failing_writes.load(Ordering::SeqCst),
+        0,
+        "the outage was hit"
+    );
+    assert_eq!(job.attempts.len(), 1, "{:?}", job.attempts);
+    assert_eq!(job.crash_requeues, 0);
+    assert_eq!(gpu.stats().submitted, 1, "never submitted again");
+    engine.shutdown(Duration::from_secs(1)).await;
 }
