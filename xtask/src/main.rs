@@ -29,8 +29,19 @@ subcommands:
   arch            architecture checks on the workspace dependency graph
   setup           check for (and install / start) system services the tests
                   need; skipped when COMFYFLEET_SKIP_SETUP=1
-  bench [ARGS]    cargo bench -p comfyfleet-benches [ARGS]
+  bench [--quick] the load harness against the real binary; writes BENCHMARKS.md
+  bench criterion [ARGS]
+                  cargo bench -p comfyfleet-benches [ARGS] (per-part benches)
   demo [ARGS]     cargo run -p comfyfleet-cli -- demo [ARGS]
+  fuzz [TARGET] [--seconds N]
+                  run the cargo-fuzz targets in fuzz/ (all three, or TARGET:
+                  workflow_parse, comfyui_decode, runninghub_classify) for N
+                  seconds each (default 60); installs cargo-fuzz if missing,
+                  builds with RUSTC_BOOTSTRAP=1 (see fuzz/README.md)
+  chaos [--long] [--store sqlite|postgres|both]
+                  the chaos run in release, counts printed: the real binary,
+                  faulty simulators, random SIGKILLs (moderate: 150 jobs, 8
+                  kills, as in the suite; --long: 1000 jobs, 100 kills)
   help            this text
 ";
 
@@ -59,6 +70,8 @@ fn main() -> ExitCode {
         "setup" => setup::run(),
         "bench" => bench(&rest),
         "demo" => demo(&rest),
+        "fuzz" => fuzz(&rest),
+        "chaos" => chaos(&rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -208,11 +221,26 @@ fn cargo_tree_is_empty(krate: &str) -> Result<bool> {
     Ok(false)
 }
 
+/// `bench [--quick] [--out FILE]`: the load harness (writes BENCHMARKS.md); `bench criterion
+/// [ARGS]`: the per-part criterion benches (`cargo bench -p comfyfleet-benches ARGS`).
 fn bench(extra: &[String]) -> Result<()> {
-    // Benches that drive the real binary (postgres_scale) find it next to their own
-    // executable in target/release.
+    // The harness and the benches that drive the real binary (postgres_scale) find it next
+    // to their own executable in target/release.
     cargo(&["build", "--release", "-p", "comfyfleet-cli"])?;
-    let mut args: Vec<&str> = vec!["bench", "-p", "comfyfleet-benches"];
+    if extra.first().map(String::as_str) == Some("criterion") {
+        let mut args: Vec<&str> = vec!["bench", "-p", "comfyfleet-benches"];
+        args.extend(extra[1..].iter().map(String::as_str));
+        return cargo(&args);
+    }
+    let mut args: Vec<&str> = vec![
+        "run",
+        "--release",
+        "-p",
+        "comfyfleet-benches",
+        "--bin",
+        "load",
+        "--",
+    ];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
 }
@@ -226,6 +254,142 @@ fn demo(extra: &[String]) -> Result<()> {
     };
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
+}
+
+/// The cargo-fuzz targets in `fuzz/fuzz_targets/`.
+const FUZZ_TARGETS: &[&str] = &["workflow_parse", "comfyui_decode", "runninghub_classify"];
+
+/// `cargo xtask fuzz [TARGET] [--seconds N]`: each target in turn, for N seconds.
+fn fuzz(args: &[String]) -> Result<()> {
+    let (targets, seconds) = fuzz_args(args)?;
+    if !succeeds(&cargo_bin(), &["fuzz", "--version"]) {
+        cargo(&["install", "cargo-fuzz", "--locked"])?;
+    }
+    let root = workspace_root()?;
+    let max_time = format!("-max_total_time={seconds}");
+    for target in targets {
+        // New inputs go to a git-ignored working corpus; the committed seeds in
+        // fuzz/corpus/<target> are only read.
+        let work = format!("fuzz/target/corpus/{target}");
+        let seeds = format!("fuzz/corpus/{target}");
+        std::fs::create_dir_all(root.join(&work)).with_context(|| format!("creating {work}"))?;
+        // cargo-fuzz passes nightly-only flags (-Z sanitizer, -C passes); stable accepts them
+        // with RUSTC_BOOTSTRAP=1.
+        let args = [
+            "fuzz",
+            "run",
+            target,
+            &work,
+            &seeds,
+            "--",
+            &max_time,
+            "-print_final_stats=1",
+        ];
+        eprintln!("$ RUSTC_BOOTSTRAP=1 cargo {}", args.join(" "));
+        let mut cmd = Command::new(cargo_bin());
+        cmd.args(args).env("RUSTC_BOOTSTRAP", "1");
+        // `cargo run` gave us xtask's CARGO_PKG_* / CARGO_MANIFEST_*; build scripts that watch
+        // them (ring's) would otherwise rebuild whenever the fuzz crate is also built by hand.
+        for (key, _) in env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                ]
+                .contains(&k.as_ref())
+            {
+                cmd.env_remove(&key);
+            }
+        }
+        run_status(&mut cmd, "cargo", &args)?;
+    }
+    Ok(())
+}
+
+/// Parses `[TARGET] [--seconds N]`.
+fn fuzz_args(args: &[String]) -> Result<(Vec<&'static str>, u64)> {
+    let mut targets: Vec<&'static str> = FUZZ_TARGETS.to_vec();
+    let mut seconds = 60;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "--seconds" {
+            let n = it.next().context("--seconds needs a number")?;
+            seconds = n
+                .parse()
+                .with_context(|| format!("--seconds: `{n}` is not a number"))?;
+        } else if let Some(t) = FUZZ_TARGETS.iter().find(|t| **t == arg.as_str()) {
+            targets = vec![*t];
+        } else {
+            bail!(
+                "fuzz: unknown argument `{arg}` (targets: {})",
+                FUZZ_TARGETS.join(", ")
+            );
+        }
+    }
+    Ok((targets, seconds))
+}
+
+/// Whether `program <args>` runs and exits 0 (output discarded).
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `cargo xtask chaos [--long] [--store sqlite|postgres|both]`: the chaos test binary
+/// (`crates/comfyfleet-cli/tests/chaos.rs`) in release, one store after the other, with its
+/// counts printed. `COMFYFLEET_CHAOS_SEED` passes through to repeat a schedule.
+fn chaos(args: &[String]) -> Result<()> {
+    let (long, store) = chaos_args(args)?;
+    let mut envs = vec![("COMFYFLEET_CHAOS_STORE", store)];
+    if long {
+        envs.extend([
+            ("COMFYFLEET_CHAOS_JOBS", "1000"),
+            ("COMFYFLEET_CHAOS_KILLS", "100"),
+        ]);
+    }
+    let args = [
+        "test",
+        "--release",
+        "-p",
+        "comfyfleet-cli",
+        "--test",
+        "chaos",
+        "--",
+        "--nocapture",
+        "--test-threads=1",
+    ];
+    run(&cargo_bin(), &args, &envs)
+}
+
+/// Parses `[--long] [--store sqlite|postgres|both]`.
+fn chaos_args(args: &[String]) -> Result<(bool, &'static str)> {
+    let mut long = false;
+    let mut store = "both";
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--long" => long = true,
+            "--store" => {
+                let s = it
+                    .next()
+                    .context("--store needs sqlite, postgres or both")?;
+                store = ["sqlite", "postgres", "both"]
+                    .into_iter()
+                    .find(|k| k == s)
+                    .with_context(|| format!("--store: `{s}` is not sqlite, postgres or both"))?;
+            }
+            other => bail!("chaos: unknown argument `{other}`"),
+        }
+    }
+    Ok((long, store))
 }
 
 // ---------------------------------------------------------------------------
@@ -302,5 +466,31 @@ mod tests {
         .unwrap_err();
         assert_eq!(format!("{err:#}"), "step `two` failed: boom");
         assert_eq!(RAN.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn chaos_args_pick_length_and_store() {
+        let args = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(chaos_args(&[]).unwrap(), (false, "both"));
+        assert_eq!(
+            chaos_args(&args(&["--long", "--store", "postgres"])).unwrap(),
+            (true, "postgres")
+        );
+        assert!(chaos_args(&args(&["--store", "mysql"])).is_err());
+        assert!(chaos_args(&args(&["--store"])).is_err());
+        assert!(chaos_args(&args(&["--fast"])).is_err());
+    }
+
+    #[test]
+    fn fuzz_args_pick_targets_and_seconds() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(fuzz_args(&[]).unwrap(), (FUZZ_TARGETS.to_vec(), 60));
+        assert_eq!(
+            fuzz_args(&args(&["comfyui_decode", "--seconds", "5"])).unwrap(),
+            (vec!["comfyui_decode"], 5)
+        );
+        assert!(fuzz_args(&args(&["nope"])).is_err());
+        assert!(fuzz_args(&args(&["--seconds"])).is_err());
+        assert!(fuzz_args(&args(&["--seconds", "x"])).is_err());
     }
 }

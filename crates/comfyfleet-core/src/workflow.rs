@@ -809,6 +809,22 @@ mod tests {
         assert!(seen >= 5);
     }
 
+    /// Found by `cargo fuzz run workflow_parse` (fuzz/README.md): a number with more digits than
+    /// an f64 holds must parse to the same value before and after a save/load round trip, or the
+    /// content hash (and the graph sent to a backend) drifts each time the workflow is stored.
+    #[test]
+    fn long_numbers_survive_a_round_trip() {
+        for text in [
+            r#"{"1": {"class_type":"e","ut3":{"": 666666666666666666666666666666666666664}}}"#,
+            r#"{"1": {"class_type":"KSampler","inputs":{"cfg": 7.00000000000000000000000000001}}}"#,
+        ] {
+            let wf = Workflow::from_json(text).unwrap();
+            let again = Workflow::from_json(&serde_json::to_string(&wf).unwrap()).unwrap();
+            assert_eq!(wf.content_hash(), again.content_hash(), "{text}");
+            assert_eq!(wf, again, "{text}");
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn hashing_never_panics_and_is_deterministic(width in 0i64..10_000, text in ".{0,40}", seed in proptest::num::u64::ANY) {

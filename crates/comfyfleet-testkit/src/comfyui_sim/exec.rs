@@ -127,6 +127,7 @@ fn task_done(inner: &Inner, item: &QueueItem, out: Outcome) {
             "meta" => out.meta,
         };
         st.history.insert(item.prompt_id.clone(), entry);
+        inner.mark_finished(&item.prompt_id);
         inner.queue_updated(&st);
         if inner.fire(|f| &mut f.evict_history) {
             st.history.remove(&item.prompt_id);

@@ -152,6 +152,12 @@ impl ComfyUiSim {
         self.inner.stats()
     }
 
+    /// When the prompt finished here (its history entry was written, just before its terminal
+    /// messages go out): the reference point of completion-detection latency.
+    pub fn finished_at(&self, prompt_id: &str) -> Option<std::time::Instant> {
+        self.inner.finished_at(prompt_id)
+    }
+
     /// Add a custom node class at run time (a real server needs a restart to load it; the
     /// simulator takes it at once). See [`SimConfig::extra_node_classes`].
     pub fn install_node_class(&self, class_type: &str, output_node: bool) {

@@ -105,6 +105,8 @@ pub(crate) struct Inner {
     pub(crate) config: SimConfig,
     pub(crate) faults: SimFaults,
     stats: Mutex<SimStats>,
+    /// When each prompt finished (history written, before its terminal messages are sent).
+    finished: Mutex<HashMap<String, std::time::Instant>>,
     pub(crate) catalogue: RwLock<Catalogue>,
     files: Mutex<Files>,
     state: Mutex<State>,
@@ -167,6 +169,7 @@ impl Inner {
             faults: SimFaults::new(config.faults.clone()),
             config,
             stats: Mutex::new(SimStats::default()),
+            finished: Mutex::new(HashMap::new()),
             catalogue: RwLock::new(cat),
             files: Mutex::new(files),
             state: Mutex::new(State::new()),
@@ -209,6 +212,12 @@ impl Inner {
     }
     pub(crate) fn stats(&self) -> SimStats {
         lock(&self.stats).clone()
+    }
+    pub(crate) fn mark_finished(&self, prompt_id: &str) {
+        lock(&self.finished).insert(prompt_id.to_owned(), std::time::Instant::now());
+    }
+    pub(crate) fn finished_at(&self, prompt_id: &str) -> Option<std::time::Instant> {
+        lock(&self.finished).get(prompt_id).copied()
     }
     pub(crate) fn packs(&self) -> Vec<Pack> {
         lock(&self.packs).clone()
