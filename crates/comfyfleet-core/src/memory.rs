@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use crate::error::{ErrorKind, ExecutionError, StoreError, TimeoutPhase};
 use crate::event::{Event, EventKind};
 use crate::ids::{BackendId, JobId};
-use crate::job::{Attempt, AttemptOutcome, JobRecord, JobState, LeaseInfo};
+use crate::job::{AttemptOutcome, JobRecord, JobState, LeaseInfo};
 use crate::store::*;
 use crate::strategy::{Restriction, RestrictionKind};
 use crate::time::Timestamp;
@@ -424,22 +424,7 @@ impl TaskStore for MemoryStore {
     ) -> Result<Vec<Event>, StoreError> {
         let mut s = self.lock();
         let job = s.fenced(lease)?;
-        if job
-            .attempts
-            .last()
-            .is_some_and(|a| a.number == lease.attempt)
-        {
-            return Err(StoreError::InvalidTransition {
-                job: lease.job,
-                state: job.state,
-                operation: "start a second attempt under one claim",
-            });
-        }
-        if start.reattached && start.remote.is_none() {
-            return Err(StoreError::InvalidInput(
-                "a reattached attempt needs its remote id".into(),
-            ));
-        }
+        crate::transition::check_attempt_start(job, lease.attempt, &start)?;
         if let Some(capacity) = start.capacity
             && s.open_attempts(&start.backend) >= capacity
         {
@@ -449,34 +434,7 @@ impl TaskStore for MemoryStore {
             });
         }
         let job = s.fenced(lease)?;
-        job.attempts.push(Attempt {
-            number: lease.attempt,
-            backend: start.backend.clone(),
-            remote: start.remote.clone(),
-            dispatched_at: now,
-            started_at: None,
-            ended_at: None,
-            outcome: None,
-            error: None,
-            nodes: Vec::new(),
-            reattached: start.reattached,
-            cancel_steps: Vec::new(),
-        });
-        job.wait_reason = None;
-        job.phase = start.phase;
-        job.progress_at = Some(now);
-        let kind = match (start.reattached, start.remote) {
-            (true, Some(remote)) => EventKind::Reattached {
-                attempt: lease.attempt,
-                backend: start.backend,
-                remote,
-            },
-            _ => EventKind::Dispatched {
-                attempt: lease.attempt,
-                backend: start.backend,
-                skipped: start.skipped,
-            },
-        };
+        let kind = crate::transition::begin_attempt(job, lease.attempt, start, now);
         Ok(vec![s.push_event(lease.job, kind, now)])
     }
 

@@ -62,3 +62,63 @@ pub fn close_attempt(
     a.cancel_steps.extend(steps);
     Some(a.backend.clone())
 }
+
+/// The store contract's checks before a new attempt under `claim` (after fencing, before the
+/// capacity check): one attempt per claim, and a reattached attempt names its remote.
+pub fn check_attempt_start(
+    job: &JobRecord,
+    claim: u32,
+    start: &crate::store::AttemptStart,
+) -> Result<(), crate::error::StoreError> {
+    if job.attempts.last().is_some_and(|a| a.number == claim) {
+        return Err(crate::error::StoreError::InvalidTransition {
+            job: job.id,
+            state: job.state,
+            operation: "start a second attempt under one claim",
+        });
+    }
+    if start.reattached && start.remote.is_none() {
+        return Err(crate::error::StoreError::InvalidInput(
+            "a reattached attempt needs its remote id".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the attempt of `claim` on the job (checked by [`check_attempt_start`]) and returns
+/// the event it appends: `reattached` when it continues a remote execution, else `dispatched`.
+pub fn begin_attempt(
+    job: &mut JobRecord,
+    claim: u32,
+    start: crate::store::AttemptStart,
+    now: Timestamp,
+) -> crate::event::EventKind {
+    job.attempts.push(Attempt {
+        number: claim,
+        backend: start.backend.clone(),
+        remote: start.remote.clone(),
+        dispatched_at: now,
+        started_at: None,
+        ended_at: None,
+        outcome: None,
+        error: None,
+        nodes: Vec::new(),
+        reattached: start.reattached,
+        cancel_steps: Vec::new(),
+    });
+    job.wait_reason = None;
+    job.phase = start.phase;
+    job.progress_at = Some(now);
+    match (start.reattached, start.remote) {
+        (true, Some(remote)) => crate::event::EventKind::Reattached {
+            attempt: claim,
+            backend: start.backend,
+            remote,
+        },
+        _ => crate::event::EventKind::Dispatched {
+            attempt: claim,
+            backend: start.backend,
+            skipped: start.skipped,
+        },
+    }
+}

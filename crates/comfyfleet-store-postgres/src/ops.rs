@@ -432,22 +432,7 @@ pub(crate) async fn start_attempt(
     const W: &str = "start an attempt";
     let mut f = Fenced::load(c, lease).await?;
     let job = &mut f.job;
-    if job
-        .attempts
-        .last()
-        .is_some_and(|a| a.number == lease.attempt)
-    {
-        return Err(StoreError::InvalidTransition {
-            job: lease.job,
-            state: job.state,
-            operation: "start a second attempt under one claim",
-        });
-    }
-    if start.reattached && start.remote.is_none() {
-        return Err(StoreError::InvalidInput(
-            "a reattached attempt needs its remote id".into(),
-        ));
-    }
+    comfyfleet_core::transition::check_attempt_start(job, lease.attempt, &start)?;
     if let Some(capacity) = start.capacity {
         // Serialise the capacity-checked starts on this backend across every process: lock
         // its slot row, then count (a fresh snapshot per statement under READ COMMITTED sees
@@ -470,34 +455,7 @@ pub(crate) async fn start_attempt(
             });
         }
     }
-    job.attempts.push(comfyfleet_core::Attempt {
-        number: lease.attempt,
-        backend: start.backend.clone(),
-        remote: start.remote.clone(),
-        dispatched_at: now,
-        started_at: None,
-        ended_at: None,
-        outcome: None,
-        error: None,
-        nodes: Vec::new(),
-        reattached: start.reattached,
-        cancel_steps: Vec::new(),
-    });
-    job.wait_reason = None;
-    job.phase = start.phase;
-    job.progress_at = Some(now);
-    let kind = match (start.reattached, start.remote) {
-        (true, Some(remote)) => EventKind::Reattached {
-            attempt: lease.attempt,
-            backend: start.backend,
-            remote,
-        },
-        _ => EventKind::Dispatched {
-            attempt: lease.attempt,
-            backend: start.backend,
-            skipped: start.skipped,
-        },
-    };
+    let kind = comfyfleet_core::transition::begin_attempt(job, lease.attempt, start, now);
     let mut events = vec![push_event(job, kind, now)];
     f.save(c).await?;
     append_events(c, &mut events, channel).await?;

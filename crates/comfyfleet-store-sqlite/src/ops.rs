@@ -392,22 +392,7 @@ pub(crate) fn start_attempt(
 ) -> Result<Vec<Event>, StoreError> {
     let mut f = Fenced::load(conn, lease)?;
     let job = &mut f.job;
-    if job
-        .attempts
-        .last()
-        .is_some_and(|a| a.number == lease.attempt)
-    {
-        return Err(StoreError::InvalidTransition {
-            job: lease.job,
-            state: job.state,
-            operation: "start a second attempt under one claim",
-        });
-    }
-    if start.reattached && start.remote.is_none() {
-        return Err(StoreError::InvalidInput(
-            "a reattached attempt needs its remote id".into(),
-        ));
-    }
+    comfyfleet_core::transition::check_attempt_start(job, lease.attempt, &start)?;
     if let Some(capacity) = start.capacity {
         // Inside the writer's `BEGIN IMMEDIATE`: no other connection writes between the count
         // and the insert.
@@ -423,34 +408,7 @@ pub(crate) fn start_attempt(
             });
         }
     }
-    job.attempts.push(comfyfleet_core::Attempt {
-        number: lease.attempt,
-        backend: start.backend.clone(),
-        remote: start.remote.clone(),
-        dispatched_at: now,
-        started_at: None,
-        ended_at: None,
-        outcome: None,
-        error: None,
-        nodes: Vec::new(),
-        reattached: start.reattached,
-        cancel_steps: Vec::new(),
-    });
-    job.wait_reason = None;
-    job.phase = start.phase;
-    job.progress_at = Some(now);
-    let kind = match (start.reattached, start.remote) {
-        (true, Some(remote)) => EventKind::Reattached {
-            attempt: lease.attempt,
-            backend: start.backend,
-            remote,
-        },
-        _ => EventKind::Dispatched {
-            attempt: lease.attempt,
-            backend: start.backend,
-            skipped: start.skipped,
-        },
-    };
+    let kind = comfyfleet_core::transition::begin_attempt(job, lease.attempt, start, now);
     let events = vec![push_event(conn, job, kind, now)?];
     f.save(conn)?;
     Ok(events)
