@@ -61,6 +61,7 @@ pub(crate) async fn worker(inner: Arc<Inner>) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
+        inner.mark_started(&item.prompt_id);
         let outcome = Exec::new(inner.clone(), &item).run().await;
         task_done(&inner, &item, outcome);
         let mut st = inner.state();

@@ -158,6 +158,12 @@ impl ComfyUiSim {
         self.inner.finished_at(prompt_id)
     }
 
+    /// When the worker took the prompt up to execute it (after any `hang_after_accept`): with
+    /// [`ComfyUiSim::finished_at`], the GPU's busy and idle times.
+    pub fn started_at(&self, prompt_id: &str) -> Option<std::time::Instant> {
+        self.inner.started_at(prompt_id)
+    }
+
     /// Add a custom node class at run time (a real server needs a restart to load it; the
     /// simulator takes it at once). See [`SimConfig::extra_node_classes`].
     pub fn install_node_class(&self, class_type: &str, output_node: bool) {

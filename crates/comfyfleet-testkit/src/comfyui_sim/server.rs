@@ -107,6 +107,8 @@ pub(crate) struct Inner {
     stats: Mutex<SimStats>,
     /// When each prompt finished (history written, before its terminal messages are sent).
     finished: Mutex<HashMap<String, std::time::Instant>>,
+    /// When the worker began executing each prompt.
+    started: Mutex<HashMap<String, std::time::Instant>>,
     pub(crate) catalogue: RwLock<Catalogue>,
     files: Mutex<Files>,
     state: Mutex<State>,
@@ -170,6 +172,7 @@ impl Inner {
             config,
             stats: Mutex::new(SimStats::default()),
             finished: Mutex::new(HashMap::new()),
+            started: Mutex::new(HashMap::new()),
             catalogue: RwLock::new(cat),
             files: Mutex::new(files),
             state: Mutex::new(State::new()),
@@ -218,6 +221,12 @@ impl Inner {
     }
     pub(crate) fn finished_at(&self, prompt_id: &str) -> Option<std::time::Instant> {
         lock(&self.finished).get(prompt_id).copied()
+    }
+    pub(crate) fn mark_started(&self, prompt_id: &str) {
+        lock(&self.started).insert(prompt_id.to_owned(), std::time::Instant::now());
+    }
+    pub(crate) fn started_at(&self, prompt_id: &str) -> Option<std::time::Instant> {
+        lock(&self.started).get(prompt_id).copied()
     }
     pub(crate) fn packs(&self) -> Vec<Pack> {
         lock(&self.packs).clone()
