@@ -9,9 +9,9 @@
 //!
 //! Measured so far: completion-detection latency (healthy and silent WebSocket), failover time
 //! from a backend that accepts and hangs, the backend's idle gap between queued jobs with
-//! prefetch 0 and 1, end-to-end jobs/s with four zero-time simulators on SQLite. (Still to
-//! come — see BENCHMARKS.md: PostgreSQL 1 vs 3 processes through the API, warm-routing hit
-//! rate, RSS with 100k jobs and 1,000 subscribers.)
+//! prefetch 0 and 1, the warm-routing hit rate with mixed workflow structures, end-to-end
+//! jobs/s with four zero-time simulators on SQLite. (Still to come — see BENCHMARKS.md:
+//! PostgreSQL 1 vs 3 processes through the API, RSS with 100k jobs and 1,000 subscribers.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -429,6 +429,88 @@ async fn naive_idle_gap(every: Duration, n: usize) -> Vec<f64> {
     gaps
 }
 
+/// Three workflow structures (a unique prefix per job defeats ComfyUI's cache, not the
+/// structure hash).
+fn mixed(kind: usize, tag: &str) -> Value {
+    match kind {
+        0 => wf(0.5, tag),
+        1 => json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": tag}}
+        }),
+        _ => json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": tag}}
+        }),
+    }
+}
+
+/// Share of jobs that ran on a backend whose previous job had the same structure.
+fn hit_rate(runs: &mut [(String, u64, usize)]) -> f64 {
+    runs.sort();
+    let (mut hits, mut counted) = (0usize, 0usize);
+    for w in runs.windows(2) {
+        if w[0].0 == w[1].0 {
+            counted += 1;
+            if w[0].2 == w[1].2 {
+                hits += 1;
+            }
+        }
+    }
+    hits as f64 / counted.max(1) as f64
+}
+
+/// Warm routing: `n` jobs of three structures in a seeded random order, from 4 concurrent
+/// clients, over 4 simulators. Returns comfyfleet's hit rate and the naive client's (it sends
+/// the same sequence round-robin).
+async fn warm_routing(n: usize) -> (f64, f64) {
+    let mut sims = Vec::new();
+    for _ in 0..4 {
+        sims.push(ComfyUiSim::start(SimConfig::scaled(0.01)).await.unwrap());
+    }
+    let refs: Vec<&ComfyUiSim> = sims.iter().collect();
+    let svc = Arc::new(Service::start(&comfyui_backends(&refs, ""), "").await);
+    let mut rng = fastrand::Rng::with_seed(42);
+    let kinds: Vec<usize> = (0..n).map(|_| rng.usize(0..3)).collect();
+    let mut tasks = Vec::new();
+    for c in 0..4 {
+        let svc = svc.clone();
+        let kinds = kinds.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in (c..kinds.len()).step_by(4) {
+                let id = svc.submit(mixed(kinds[i], &format!("warm_{i}"))).await;
+                svc.wait_ended(&id).await;
+                out.push((id, kinds[i]));
+            }
+            out
+        }));
+    }
+    let mut runs = Vec::new();
+    for t in tasks {
+        for (id, kind) in t.await.unwrap() {
+            let job = svc.job(&id).await;
+            let a = &job["attempts"][0];
+            runs.push((
+                a["backend"].as_str().unwrap().to_owned(),
+                a["dispatched_at"].as_u64().unwrap(),
+                kind,
+            ));
+        }
+    }
+    if let Ok(svc) = Arc::try_unwrap(svc) {
+        svc.stop();
+    }
+    let ours = hit_rate(&mut runs);
+    let mut naive: Vec<(String, u64, usize)> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (format!("sim-{}", i % 4), i as u64, *k))
+        .collect();
+    (ours, hit_rate(&mut naive))
+}
+
 /// End-to-end jobs/s: `n` zero-work jobs submitted by 8 concurrent clients to a service with
 /// four zero-time simulators, until the last one ended.
 async fn throughput(n: usize) -> f64 {
@@ -554,6 +636,7 @@ fn main() {
                 "silent" => println!("{:?}", detection(true, 20).await),
                 "failover" => println!("{:?}", failover(1.0, 3).await),
                 "throughput" => println!("{:.0} jobs/s", throughput(500).await),
+                "warm" => println!("{:?}", warm_routing(120).await),
                 "gap" => {
                     println!("prefetch 0: {:?}", idle_gap(0, 30).await);
                     println!("prefetch 1: {:?}", idle_gap(1, 30).await);
@@ -582,6 +665,9 @@ fn main() {
         let gap0 = idle_gap(0, n_gap).await;
         let gap1 = idle_gap(1, n_gap).await;
         let naive_gap = naive_idle_gap(Duration::from_millis(500), 20).await;
+        let n_warm = if quick { 120 } else { 400 };
+        eprintln!("load: warm routing ({n_warm} jobs, 3 structures)");
+        let (warm, naive_warm) = warm_routing(n_warm).await;
         eprintln!("load: throughput ({n_tp} jobs)");
         let tp = throughput(n_tp).await;
         let naive_tp = naive_throughput(Duration::from_millis(500), 80).await;
@@ -628,6 +714,12 @@ fn main() {
             met(g1_99 <= 5.0)
         ));
         md.push_str(&format!(
+            "| warm-routing hit rate: the backend's previous job had the same structure (3 structures, 4 backends, {n_warm} jobs) | {:.0} % | {:.0} % (round-robin) | {:.1}× | — | |\n",
+            warm * 100.0,
+            naive_warm * 100.0,
+            warm / naive_warm.max(0.001)
+        ));
+        md.push_str(&format!(
             "| end-to-end jobs/s, 4 zero-time simulators, SQLite, {n_tp} jobs | {tp:.0} jobs/s | {naive_tp:.1} jobs/s (one job per simulator at a time, 500 ms polling) | {:.0}× | ≥ 1,000 jobs/s on 2 cores | {} |\n",
             tp / naive_tp.max(0.001),
             met(tp >= 1000.0)
@@ -645,7 +737,7 @@ fn main() {
         md.push_str(
             "\nNot yet measured by this harness (next steps of issue #10): jobs/s with 12 simulators on PostgreSQL with 1 vs 3 \
              `serve` processes (the `postgres_scale` bench measures it with `worker` processes, see \
-             `benches/README.md`); warm-routing hit rate with mixed workflow structures; service RSS \
+             `benches/README.md`); service RSS \
              with 100k stored jobs and 1,000 live SSE subscribers.\n\n\
              Reproduce: `cargo xtask bench` (writes this file); `cargo xtask bench --quick` for a \
              short run. Per-part criterion benches: `cargo xtask bench criterion`.\n",
