@@ -482,40 +482,8 @@ impl TaskStore for MemoryStore {
     ) -> Result<Vec<Event>, StoreError> {
         let mut s = self.write();
         let job = s.fenced(lease)?;
-        let state = job.state;
-        let Some(backend) = close_attempt(
-            job,
-            lease.attempt,
-            AttemptOutcome::Succeeded,
-            None,
-            completion.nodes,
-            Vec::new(),
-            now,
-        ) else {
-            return Err(StoreError::InvalidTransition {
-                job: lease.job,
-                state,
-                operation: "complete without a running attempt",
-            });
-        };
-        job.state = JobState::Succeeded;
-        job.finished_at = Some(now);
-        job.lease = None;
-        job.phase = None;
-        job.artifacts = completion.artifacts.clone();
-        if let Some(p) = completion.progress {
-            job.progress = Some(p);
-            job.progress_at = Some(now);
-        }
-        Ok(vec![s.push_event(
-            lease.job,
-            EventKind::Succeeded {
-                attempt: lease.attempt,
-                backend,
-                artifacts: completion.artifacts,
-            },
-            now,
-        )])
+        let kind = crate::transition::complete(job, lease.attempt, completion, now)?;
+        Ok(vec![s.push_event(lease.job, kind, now)])
     }
 
     async fn fail(
@@ -613,30 +581,10 @@ impl TaskStore for MemoryStore {
     async fn detach(&self, lease: &Lease, now: Timestamp) -> Result<Vec<Event>, StoreError> {
         let mut s = self.write();
         let job = s.fenced(lease)?;
-        close_attempt(
-            job,
-            lease.attempt,
-            AttemptOutcome::Detached,
-            None,
-            Vec::new(),
-            Vec::new(),
-            now,
-        );
-        job.state = JobState::RetryWait;
-        job.run_at = now;
-        job.lease = None;
-        job.phase = None;
-        let crash_requeues = job.crash_requeues;
+        let kind = crate::transition::detach(job, lease.attempt, now);
         let key = s.ready_key(&s.jobs[&lease.job]);
         s.ready.insert(key);
-        Ok(vec![s.push_event(
-            lease.job,
-            EventKind::Requeued {
-                reason: "orchestrator shut down; the execution will be reattached".into(),
-                crash_requeues,
-            },
-            now,
-        )])
+        Ok(vec![s.push_event(lease.job, kind, now)])
     }
 
     async fn reap(&self, options: &ReapOptions, now: Timestamp) -> Result<ReapReport, StoreError> {

@@ -122,3 +122,65 @@ pub fn begin_attempt(
         },
     }
 }
+
+/// `complete`: the claim's open attempt succeeded; the job becomes `succeeded` with its
+/// outputs. Returns the `succeeded` event to append.
+pub fn complete(
+    job: &mut JobRecord,
+    claim: u32,
+    completion: crate::store::Completion,
+    now: Timestamp,
+) -> Result<crate::event::EventKind, crate::error::StoreError> {
+    let state = job.state;
+    let Some(backend) = close_attempt(
+        job,
+        claim,
+        AttemptOutcome::Succeeded,
+        None,
+        completion.nodes,
+        Vec::new(),
+        now,
+    ) else {
+        return Err(crate::error::StoreError::InvalidTransition {
+            job: job.id,
+            state,
+            operation: "complete without a running attempt",
+        });
+    };
+    job.state = crate::job::JobState::Succeeded;
+    job.finished_at = Some(now);
+    job.lease = None;
+    job.phase = None;
+    job.artifacts = completion.artifacts.clone();
+    if let Some(p) = completion.progress {
+        job.progress = Some(p);
+        job.progress_at = Some(now);
+    }
+    Ok(crate::event::EventKind::Succeeded {
+        attempt: claim,
+        backend,
+        artifacts: completion.artifacts,
+    })
+}
+
+/// `detach`: the holder shuts down; the attempt closes as `detached` (its remote kept for
+/// reattachment) and the job is due again at once. Returns the `requeued` event to append.
+pub fn detach(job: &mut JobRecord, claim: u32, now: Timestamp) -> crate::event::EventKind {
+    close_attempt(
+        job,
+        claim,
+        AttemptOutcome::Detached,
+        None,
+        Vec::new(),
+        Vec::new(),
+        now,
+    );
+    job.state = crate::job::JobState::RetryWait;
+    job.run_at = now;
+    job.lease = None;
+    job.phase = None;
+    crate::event::EventKind::Requeued {
+        reason: "orchestrator shut down; the execution will be reattached".into(),
+        crash_requeues: job.crash_requeues,
+    }
+}

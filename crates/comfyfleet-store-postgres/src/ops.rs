@@ -509,41 +509,8 @@ pub(crate) async fn complete(
     channel: &str,
 ) -> Result<Vec<Event>, StoreError> {
     let mut f = Fenced::load(c, lease).await?;
-    let job = &mut f.job;
-    let state = job.state;
-    let Some(backend) = close_attempt(
-        job,
-        lease.attempt,
-        AttemptOutcome::Succeeded,
-        None,
-        completion.nodes,
-        Vec::new(),
-        now,
-    ) else {
-        return Err(StoreError::InvalidTransition {
-            job: lease.job,
-            state,
-            operation: "complete without a running attempt",
-        });
-    };
-    job.state = JobState::Succeeded;
-    job.finished_at = Some(now);
-    job.lease = None;
-    job.phase = None;
-    job.artifacts = completion.artifacts.clone();
-    if let Some(p) = completion.progress {
-        job.progress = Some(p);
-        job.progress_at = Some(now);
-    }
-    let mut events = vec![push_event(
-        job,
-        EventKind::Succeeded {
-            attempt: lease.attempt,
-            backend,
-            artifacts: completion.artifacts,
-        },
-        now,
-    )];
+    let kind = comfyfleet_core::transition::complete(&mut f.job, lease.attempt, completion, now)?;
+    let mut events = vec![push_event(&mut f.job, kind, now)];
     f.save(c).await?;
     append_events(c, &mut events, channel).await?;
     Ok(events)
@@ -647,29 +614,8 @@ pub(crate) async fn detach(
     channel: &str,
 ) -> Result<Vec<Event>, StoreError> {
     let mut f = Fenced::load(c, lease).await?;
-    let job = &mut f.job;
-    close_attempt(
-        job,
-        lease.attempt,
-        AttemptOutcome::Detached,
-        None,
-        Vec::new(),
-        Vec::new(),
-        now,
-    );
-    job.state = JobState::RetryWait;
-    job.run_at = now;
-    job.lease = None;
-    job.phase = None;
-    let crash_requeues = job.crash_requeues;
-    let mut events = vec![push_event(
-        job,
-        EventKind::Requeued {
-            reason: "orchestrator shut down; the execution will be reattached".into(),
-            crash_requeues,
-        },
-        now,
-    )];
+    let kind = comfyfleet_core::transition::detach(&mut f.job, lease.attempt, now);
+    let mut events = vec![push_event(&mut f.job, kind, now)];
     f.save(c).await?;
     append_events(c, &mut events, channel).await?;
     Ok(events)

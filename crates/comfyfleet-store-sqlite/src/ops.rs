@@ -458,42 +458,8 @@ pub(crate) fn complete(
     now: Timestamp,
 ) -> Result<Vec<Event>, StoreError> {
     let mut f = Fenced::load(conn, lease)?;
-    let job = &mut f.job;
-    let state = job.state;
-    let Some(backend) = close_attempt(
-        job,
-        lease.attempt,
-        AttemptOutcome::Succeeded,
-        None,
-        completion.nodes,
-        Vec::new(),
-        now,
-    ) else {
-        return Err(StoreError::InvalidTransition {
-            job: lease.job,
-            state,
-            operation: "complete without a running attempt",
-        });
-    };
-    job.state = JobState::Succeeded;
-    job.finished_at = Some(now);
-    job.lease = None;
-    job.phase = None;
-    job.artifacts = completion.artifacts.clone();
-    if let Some(p) = completion.progress {
-        job.progress = Some(p);
-        job.progress_at = Some(now);
-    }
-    let events = vec![push_event(
-        conn,
-        job,
-        EventKind::Succeeded {
-            attempt: lease.attempt,
-            backend,
-            artifacts: completion.artifacts,
-        },
-        now,
-    )?];
+    let kind = comfyfleet_core::transition::complete(&mut f.job, lease.attempt, completion, now)?;
+    let events = vec![push_event(conn, &mut f.job, kind, now)?];
     f.save(conn)?;
     Ok(events)
 }
@@ -594,30 +560,8 @@ pub(crate) fn detach(
     now: Timestamp,
 ) -> Result<Vec<Event>, StoreError> {
     let mut f = Fenced::load(conn, lease)?;
-    let job = &mut f.job;
-    close_attempt(
-        job,
-        lease.attempt,
-        AttemptOutcome::Detached,
-        None,
-        Vec::new(),
-        Vec::new(),
-        now,
-    );
-    job.state = JobState::RetryWait;
-    job.run_at = now;
-    job.lease = None;
-    job.phase = None;
-    let crash_requeues = job.crash_requeues;
-    let events = vec![push_event(
-        conn,
-        job,
-        EventKind::Requeued {
-            reason: "orchestrator shut down; the execution will be reattached".into(),
-            crash_requeues,
-        },
-        now,
-    )?];
+    let kind = comfyfleet_core::transition::detach(&mut f.job, lease.attempt, now);
+    let events = vec![push_event(conn, &mut f.job, kind, now)?];
     f.save(conn)?;
     Ok(events)
 }
