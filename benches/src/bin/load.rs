@@ -256,36 +256,53 @@ async fn detection(silent: bool, n: usize) -> Vec<f64> {
     out
 }
 
-/// The naive client of the seeds: POST /prompt, then GET /history/{id} every `every`.
-async fn naive_detection(every: Duration, n: usize) -> Vec<f64> {
-    let sim = ComfyUiSim::start(SimConfig::scaled(0.01)).await.unwrap();
-    let http = reqwest::Client::new();
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let r: Value = http
-            .post(format!("{}/prompt", sim.base_url()))
-            .json(&json!({ "prompt": wf(2.0, &format!("naive_{i}")), "client_id": "naive" }))
+/// The naive client of the seeds, one prompt: POST /prompt, then GET /history/{id} every
+/// `every` until it is there. Returns the prompt id and when the client saw it done.
+async fn naive_run(
+    http: &reqwest::Client,
+    base: &str,
+    prompt: Value,
+    every: Duration,
+) -> (String, Instant) {
+    let r: Value = http
+        .post(format!("{base}/prompt"))
+        .json(&json!({ "prompt": prompt, "client_id": "naive" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pid = r["prompt_id"].as_str().unwrap().to_owned();
+    loop {
+        tokio::time::sleep(every).await;
+        let h: Value = http
+            .get(format!("{base}/history/{pid}"))
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap();
-        let pid = r["prompt_id"].as_str().unwrap().to_owned();
-        let seen = loop {
-            tokio::time::sleep(every).await;
-            let h: Value = http
-                .get(format!("{}/history/{pid}", sim.base_url()))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if h.get(&pid).is_some() {
-                break Instant::now();
-            }
-        };
+        if h.get(&pid).is_some() {
+            return (pid, Instant::now());
+        }
+    }
+}
+
+/// The naive client of the seeds: POST /prompt, then GET /history/{id} every `every`.
+async fn naive_detection(every: Duration, n: usize) -> Vec<f64> {
+    let sim = ComfyUiSim::start(SimConfig::scaled(0.01)).await.unwrap();
+    let http = reqwest::Client::new();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let (pid, seen) = naive_run(
+            &http,
+            &sim.base_url(),
+            wf(2.0, &format!("naive_{i}")),
+            every,
+        )
+        .await;
         let done = sim.finished_at(&pid).unwrap();
         out.push(ms(seen.saturating_duration_since(done)));
     }
@@ -392,30 +409,8 @@ async fn naive_idle_gap(every: Duration, n: usize) -> Vec<f64> {
     let http = reqwest::Client::new();
     let mut spans = Vec::new();
     for i in 0..n {
-        let r: Value = http
-            .post(format!("{}/prompt", sim.base_url()))
-            .json(&json!({ "prompt": wf(2.0, &format!("ngap_{i}")), "client_id": "naive" }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let pid = r["prompt_id"].as_str().unwrap().to_owned();
-        loop {
-            tokio::time::sleep(every).await;
-            let h: Value = http
-                .get(format!("{}/history/{pid}", sim.base_url()))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if h.get(&pid).is_some() {
-                break;
-            }
-        }
+        let (pid, _) =
+            naive_run(&http, &sim.base_url(), wf(2.0, &format!("ngap_{i}")), every).await;
         spans.push((
             sim.started_at(&pid).unwrap(),
             sim.finished_at(&pid).unwrap(),
@@ -562,30 +557,7 @@ async fn naive_throughput(every: Duration, n: usize) -> f64 {
         let http = http.clone();
         tasks.push(tokio::spawn(async move {
             for i in (k..n).step_by(4) {
-                let r: Value = http
-                    .post(format!("{base}/prompt"))
-                    .json(&json!({ "prompt": wf(0.0, &format!("ntp_{i}")), "client_id": "naive" }))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                let pid = r["prompt_id"].as_str().unwrap().to_owned();
-                loop {
-                    tokio::time::sleep(every).await;
-                    let h: Value = http
-                        .get(format!("{base}/history/{pid}"))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
-                    if h.get(&pid).is_some() {
-                        break;
-                    }
-                }
+                naive_run(&http, &base, wf(0.0, &format!("ntp_{i}")), every).await;
             }
         }));
     }
