@@ -30,6 +30,7 @@ subcommands:
   setup           check for (and install / start) system services the tests
                   need; skipped when COMFYFLEET_SKIP_SETUP=1
   bench [--quick] the load harness against the real binary; writes BENCHMARKS.md
+                  (runs setup first: its PostgreSQL figures use a private cluster)
   bench criterion [ARGS]
                   cargo bench -p comfyfleet-benches [ARGS] (per-part benches)
   demo [ARGS]     cargo run -p comfyfleet-cli -- demo [ARGS]
@@ -42,6 +43,11 @@ subcommands:
                   the chaos run in release, counts printed: the real binary,
                   faulty simulators, random SIGKILLs (moderate: 150 jobs, 8
                   kills, as in the suite; --long: 1000 jobs, 100 kills)
+  soak [--minutes N] [--rate R]
+                  the soak run in release: steady load (R jobs/s, default 40)
+                  with faults for N minutes (default 10); RSS, descriptors,
+                  throughput and latency over time into soak.png and the Soak
+                  section of BENCHMARKS.md
   help            this text
 ";
 
@@ -72,6 +78,7 @@ fn main() -> ExitCode {
         "demo" => demo(&rest),
         "fuzz" => fuzz(&rest),
         "chaos" => chaos(&rest),
+        "soak" => soak(&rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -227,6 +234,8 @@ fn bench(extra: &[String]) -> Result<()> {
     // The harness and the benches that drive the real binary (postgres_scale) find it next
     // to their own executable in target/release.
     cargo(&["build", "--release", "-p", "comfyfleet-cli"])?;
+    // Both use private PostgreSQL clusters (the server binaries), the SSH bench a real sshd.
+    setup::run()?;
     if extra.first().map(String::as_str) == Some("criterion") {
         let mut args: Vec<&str> = vec!["bench", "-p", "comfyfleet-benches"];
         args.extend(extra[1..].iter().map(String::as_str));
@@ -243,6 +252,43 @@ fn bench(extra: &[String]) -> Result<()> {
     ];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
+}
+
+/// `soak [--minutes N] [--rate R]`: the soak run (`benches/src/bin/soak.rs`) in release; it
+/// writes `soak.png` and the Soak section of `BENCHMARKS.md` at the workspace root.
+fn soak(extra: &[String]) -> Result<()> {
+    check_soak_args(extra)?;
+    setup::soak()?;
+    cargo(&["build", "--release", "-p", "comfyfleet-cli"])?;
+    let mut args: Vec<&str> = vec![
+        "run",
+        "--release",
+        "-p",
+        "comfyfleet-benches",
+        "--bin",
+        "soak",
+        "--",
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(&args)
+}
+
+/// `--minutes N` and `--rate R`, each a positive number; nothing else.
+fn check_soak_args(extra: &[String]) -> Result<()> {
+    let mut i = 0;
+    while i < extra.len() {
+        match extra[i].as_str() {
+            "--minutes" | "--rate" => {
+                let value = extra.get(i + 1).map(String::as_str).unwrap_or("");
+                if !value.parse::<f64>().is_ok_and(|v| v > 0.0) {
+                    bail!("soak: {} needs a positive number (got `{value}`)", extra[i]);
+                }
+                i += 2;
+            }
+            other => bail!("soak: unknown argument `{other}`"),
+        }
+    }
+    Ok(())
 }
 
 fn demo(extra: &[String]) -> Result<()> {
@@ -466,6 +512,17 @@ mod tests {
         .unwrap_err();
         assert_eq!(format!("{err:#}"), "step `two` failed: boom");
         assert_eq!(RAN.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn soak_args_are_positive_numbers() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(check_soak_args(&[]).is_ok());
+        assert!(check_soak_args(&args(&["--minutes", "0.5", "--rate", "40"])).is_ok());
+        assert!(check_soak_args(&args(&["--minutes", "0"])).is_err());
+        assert!(check_soak_args(&args(&["--minutes", "ten"])).is_err());
+        assert!(check_soak_args(&args(&["--rate"])).is_err());
+        assert!(check_soak_args(&args(&["--seconds", "5"])).is_err());
     }
 
     #[test]

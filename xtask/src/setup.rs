@@ -184,13 +184,36 @@ fn pg_test_database_ok() -> bool {
         )
 }
 
+/// What `cargo xtask soak` needs beyond the build: a font for its plot's text (plotters draws
+/// with a pure-Rust rasterizer and reads DejaVu Sans from the system).
+const SOAK_REQUIREMENTS: &[Requirement] = &[Requirement {
+    name: "fonts-dejavu-core (the soak plot's text)",
+    check: || Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists(),
+    install: &[apt_install!["fonts-dejavu-core"]],
+}];
+
 /// `cargo xtask setup`.
 pub fn run() -> Result<()> {
-    if env::var("COMFYFLEET_SKIP_SETUP").is_ok_and(|v| v == "1") {
-        eprintln!("setup: skipped (COMFYFLEET_SKIP_SETUP=1)");
+    if skipped() {
         return Ok(());
     }
     ensure_all(REQUIREMENTS, &mut system_exec)
+}
+
+/// The soak run's requirements (see [`SOAK_REQUIREMENTS`]).
+pub fn soak() -> Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    ensure_all(SOAK_REQUIREMENTS, &mut system_exec)
+}
+
+fn skipped() -> bool {
+    let skip = env::var("COMFYFLEET_SKIP_SETUP").is_ok_and(|v| v == "1");
+    if skip {
+        eprintln!("setup: skipped (COMFYFLEET_SKIP_SETUP=1)");
+    }
+    skip
 }
 
 /// Checks every requirement, installing what is missing through `exec`

@@ -10,230 +10,20 @@
 //! Measured so far: completion-detection latency (healthy and silent WebSocket), failover time
 //! from a backend that accepts and hangs, the backend's idle gap between queued jobs with
 //! prefetch 0 and 1, the warm-routing hit rate with mixed workflow structures, end-to-end
-//! jobs/s with four zero-time simulators on SQLite. (Still to come — see BENCHMARKS.md:
-//! PostgreSQL 1 vs 3 processes through the API, RSS with 100k jobs and 1,000 subscribers.)
+//! jobs/s with four zero-time simulators on SQLite and with twelve on PostgreSQL (1 vs 3
+//! `serve` processes), the service's RSS with a large stored history and many live
+//! subscribers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use comfyfleet_benches::{
+    Service, comfyui_backends, machine, met, ms, pct, postgres, rss_mib, sse_frames, wf,
+};
 use comfyfleet_testkit::comfyui_sim::{ComfyUiSim, SimConfig};
-use comfyfleet_testkit::workflows;
-use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::Notify;
-
-/// The `comfyfleet` binary next to this one (`target/release`).
-fn binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().join("comfyfleet");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo build --release -p comfyfleet-cli` (cargo xtask bench does it)",
-        bin.display()
-    );
-    bin
-}
-
-/// A running `comfyfleet serve` with its own SQLite store, and live terminal-event times.
-struct Service {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-    http: reqwest::Client,
-    /// job id → when its terminal event reached us over `/v1/events`.
-    ended: Arc<Mutex<HashMap<String, (Instant, Value)>>>,
-    ended_wake: Arc<Notify>,
-}
-
-impl Service {
-    async fn start(backends: &str, engine: &str) -> Service {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("fleet.toml");
-        let toml = format!(
-            "store = \"sqlite:{}\"\n{backends}\n[engine]\n{engine}\n",
-            dir.path().join("fleet.db").display()
-        );
-        std::fs::write(&config, toml).unwrap();
-        let (child, url) = spawn_serve(&config);
-        let http = reqwest::Client::new();
-        let ended: Arc<Mutex<HashMap<String, (Instant, Value)>>> = Arc::default();
-        let ended_wake = Arc::new(Notify::new());
-        let mut stream = http
-            .get(format!("{url}/v1/events"))
-            .send()
-            .await
-            .unwrap()
-            .bytes_stream();
-        let (map, wake) = (ended.clone(), ended_wake.clone());
-        tokio::spawn(async move {
-            let mut buf = String::new();
-            while let Some(Ok(chunk)) = stream.next().await {
-                let now = Instant::now();
-                buf.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buf.find("\n\n") {
-                    let frame: String = buf.drain(..end + 2).collect();
-                    for line in frame.lines() {
-                        let Some(data) = line.strip_prefix("data:") else {
-                            continue;
-                        };
-                        let Ok(ev) = serde_json::from_str::<Value>(data.trim()) else {
-                            continue;
-                        };
-                        let ty = ev["type"].as_str().unwrap_or("");
-                        if matches!(ty, "succeeded" | "failed" | "cancelled")
-                            && let Some(job) = ev["job"].as_str()
-                        {
-                            map.lock()
-                                .unwrap()
-                                .insert(job.to_owned(), (now, ev.clone()));
-                            wake.notify_waiters();
-                        }
-                    }
-                }
-            }
-        });
-        Service {
-            child,
-            url,
-            _dir: dir,
-            http,
-            ended,
-            ended_wake,
-        }
-    }
-
-    async fn submit(&self, workflow: Value) -> String {
-        let r: Value = self
-            .http
-            .post(format!("{}/v1/jobs", self.url))
-            .json(&json!({ "workflow": workflow }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        r["id"].as_str().unwrap_or_else(|| panic!("{r}")).to_owned()
-    }
-
-    async fn wait_ended(&self, id: &str) -> Instant {
-        loop {
-            let notified = self.ended_wake.notified();
-            if let Some((t, _)) = self.ended.lock().unwrap().get(id) {
-                return *t;
-            }
-            tokio::time::timeout(Duration::from_secs(120), notified)
-                .await
-                .expect("a job did not end within 2 minutes");
-        }
-    }
-
-    async fn job(&self, id: &str) -> Value {
-        self.http
-            .get(format!("{}/v1/jobs/{id}", self.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn post(&self, path: &str) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{path}: {}", r.status());
-    }
-
-    fn stop(mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-fn spawn_serve(config: &Path) -> (Child, String) {
-    let mut child = Command::new(binary())
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--bind",
-            "127.0.0.1:0",
-        ])
-        .env("COMFYFLEET_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let url = loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.contains("dashboard at") => {
-                break Some(
-                    line.rsplit(' ')
-                        .next()
-                        .unwrap()
-                        .trim_end_matches('/')
-                        .to_owned(),
-                );
-            }
-            Ok(_) => {}
-            Err(_) => break None,
-        }
-    };
-    match url {
-        Some(url) => (child, url),
-        None => {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("comfyfleet serve did not print its URL");
-        }
-    }
-}
-
-fn comfyui_backends(sims: &[&ComfyUiSim], extra: &str) -> String {
-    sims.iter()
-        .enumerate()
-        .map(|(i, s)| {
-            format!(
-                "[[backends]]\nkind = \"comfyui\"\nid = \"sim-{i}\"\nurl = \"{}\"\n{extra}\n",
-                s.base_url()
-            )
-        })
-        .collect()
-}
-
-fn wf(seconds: f64, tag: &str) -> Value {
-    serde_json::to_value(workflows::sleep_with_prefix(seconds, tag)).unwrap()
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// Completion-detection latency through the service: the simulator writes the prompt's
 /// history (its end) → the job's terminal event reaches a `/v1/events` client.
@@ -341,7 +131,7 @@ async fn failover(start_timeout: f64, n: usize) -> Vec<f64> {
         svc.wait_ended(&id).await;
         let events: Value = svc
             .http
-            .get(format!("{}/v1/jobs/{id}/events", svc.url))
+            .get(format!("{}/v1/jobs/{id}/events", svc.url()))
             .send()
             .await
             .unwrap()
@@ -506,23 +296,49 @@ async fn warm_routing(n: usize) -> (f64, f64) {
     (ours, hit_rate(&mut naive))
 }
 
-/// End-to-end jobs/s: `n` zero-work jobs submitted by 8 concurrent clients to a service with
-/// four zero-time simulators, until the last one ended.
-async fn throughput(n: usize) -> f64 {
-    let mut sims = Vec::new();
-    for _ in 0..4 {
-        sims.push(ComfyUiSim::start(SimConfig::scaled(0.0)).await.unwrap());
+/// Where a throughput run keeps its jobs.
+#[derive(Clone, Copy)]
+enum Store<'a> {
+    /// A fresh SQLite file.
+    Sqlite,
+    /// A PostgreSQL database (URL), shared by all `serve` processes.
+    Postgres(&'a str),
+}
+
+/// End-to-end jobs/s: `n` zero-work jobs submitted by 8 concurrent clients (spread over the
+/// `processes` services) to `sims` zero-time simulators, until the last one ended.
+async fn throughput(store: Store<'_>, sims: usize, processes: usize, n: usize) -> f64 {
+    let mut list = Vec::new();
+    for _ in 0..sims {
+        list.push(ComfyUiSim::start(SimConfig::scaled(0.0)).await.unwrap());
     }
-    let refs: Vec<&ComfyUiSim> = sims.iter().collect();
-    let svc = Arc::new(Service::start(&comfyui_backends(&refs, "prefetch = 1"), "").await);
+    let refs: Vec<&ComfyUiSim> = list.iter().collect();
+    let url = match store {
+        Store::Sqlite => None,
+        Store::Postgres(url) => Some(url),
+    };
+    let svc = Arc::new(
+        Service::start_on(url, processes, &comfyui_backends(&refs, "prefetch = 1"), "").await,
+    );
+    let rate = run_batch(&svc, n, "tp").await;
+    if let Ok(svc) = Arc::try_unwrap(svc) {
+        svc.stop();
+    }
+    rate
+}
+
+/// Submits `n` zero-work jobs from 8 concurrent clients and waits for all of them; jobs/s
+/// from the first submit to the last terminal event.
+async fn run_batch(svc: &Arc<Service>, n: usize, tag: &str) -> f64 {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..8 {
         let svc = svc.clone();
+        let tag = tag.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             for i in (c..n).step_by(8) {
-                ids.push(svc.submit(wf(0.0, &format!("tp_{i}"))).await);
+                ids.push(svc.submit(wf(0.0, &format!("{tag}_{i}"))).await);
             }
             ids
         }));
@@ -535,28 +351,24 @@ async fn throughput(n: usize) -> f64 {
     for id in &ids {
         last = last.max(svc.wait_ended(id).await);
     }
-    let rate = n as f64 / last.duration_since(started).as_secs_f64();
-    if let Ok(svc) = Arc::try_unwrap(svc) {
-        svc.stop();
-    }
-    rate
+    n as f64 / last.duration_since(started).as_secs_f64()
 }
 
-/// The naive client's throughput on the same simulators: one job at a time per simulator,
-/// `/history` polled every `every`.
-async fn naive_throughput(every: Duration, n: usize) -> f64 {
-    let mut sims = Vec::new();
-    for _ in 0..4 {
-        sims.push(ComfyUiSim::start(SimConfig::scaled(0.0)).await.unwrap());
+/// The naive client's throughput on `sims` zero-time simulators: one job at a time per
+/// simulator, `/history` polled every `every`.
+async fn naive_throughput(sims: usize, every: Duration, n: usize) -> f64 {
+    let mut list = Vec::new();
+    for _ in 0..sims {
+        list.push(ComfyUiSim::start(SimConfig::scaled(0.0)).await.unwrap());
     }
     let http = reqwest::Client::new();
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for (k, sim) in sims.iter().enumerate() {
+    for (k, sim) in list.iter().enumerate() {
         let base = sim.base_url();
         let http = http.clone();
         tasks.push(tokio::spawn(async move {
-            for i in (k..n).step_by(4) {
+            for i in (k..n).step_by(sims) {
                 naive_run(&http, &base, wf(0.0, &format!("ntp_{i}")), every).await;
             }
         }));
@@ -567,28 +379,106 @@ async fn naive_throughput(every: Duration, n: usize) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-fn met(ok: bool) -> &'static str {
-    if ok { "met" } else { "**not met**" }
+/// Service memory under a stored history and many live subscribers.
+struct MemoryFigures {
+    /// RSS right after start (empty store, no subscribers).
+    empty: f64,
+    /// RSS with `jobs` finished jobs stored.
+    stored: f64,
+    /// RSS with `subscribers` live `/v1/events` streams open while more jobs run.
+    subscribed: f64,
+    /// Peak RSS over the whole run.
+    peak: f64,
+    /// Terminal events each subscriber received of the `live` jobs run while subscribed
+    /// (min over subscribers): `live` when every subscriber got every one.
+    delivered_min: usize,
+    live: usize,
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let commit = Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    format!("{cores} cores ({cpu}), commit `{commit}`, release build")
+/// RSS of one `serve` process (SQLite, 4 zero-time simulators): empty, after `jobs` jobs ran
+/// through its API, and with `subscribers` live SSE streams open while `live` more jobs run —
+/// each subscriber must see every one of those jobs end.
+async fn memory(jobs: usize, subscribers: usize, live: usize) -> MemoryFigures {
+    let mut sims = Vec::new();
+    for _ in 0..4 {
+        sims.push(ComfyUiSim::start(SimConfig::scaled(0.0)).await.unwrap());
+    }
+    let refs: Vec<&ComfyUiSim> = sims.iter().collect();
+    let svc = Arc::new(Service::start(&comfyui_backends(&refs, "prefetch = 1"), "").await);
+    let pid = svc.children[0].id();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let empty = rss_mib(pid).0;
+    let mut done = 0;
+    while done < jobs {
+        let batch = (jobs - done).min(10_000);
+        run_batch(&svc, batch, &format!("mem{done}")).await;
+        svc.ended.lock().unwrap().clear();
+        done += batch;
+        eprintln!(
+            "load: memory: {done} jobs stored, RSS {:.1} MiB",
+            rss_mib(pid).0
+        );
+    }
+    let stored = rss_mib(pid).0;
+
+    // Subscribers: each counts the terminal events it sees.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let counts: Arc<Vec<std::sync::atomic::AtomicUsize>> =
+        Arc::new((0..subscribers).map(|_| Default::default()).collect());
+    let mut streams = Vec::new();
+    for k in 0..subscribers {
+        let resp = http
+            .get(format!("{}/v1/events", svc.url()))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "subscriber {k}: {}",
+            resp.status()
+        );
+        let counts = counts.clone();
+        streams.push(tokio::spawn(sse_frames(resp.bytes_stream(), move |ev| {
+            if matches!(
+                ev["type"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                counts[k].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })));
+    }
+    run_batch(&svc, live, "live").await;
+    // Every subscriber has its own connection; give the last frames a moment to arrive.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let min = || {
+        counts
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    };
+    while min() < live && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (subscribed, peak) = rss_mib(pid);
+    let delivered_min = min();
+    for s in streams {
+        s.abort();
+    }
+    if let Ok(svc) = Arc::try_unwrap(svc) {
+        svc.stop();
+    }
+    MemoryFigures {
+        empty,
+        stored,
+        subscribed,
+        peak,
+        delivered_min,
+        live,
+    }
 }
 
 fn main() {
@@ -599,7 +489,7 @@ fn main() {
         .build()
         .unwrap();
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only NAME`: one part (detection, failover, throughput), printed, nothing written.
+    // `--only NAME`: one part, printed, nothing written.
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     if let Some(part) = only {
         rt.block_on(async {
@@ -607,7 +497,25 @@ fn main() {
                 "detection" => println!("{:?}", detection(false, 20).await),
                 "silent" => println!("{:?}", detection(true, 20).await),
                 "failover" => println!("{:?}", failover(1.0, 3).await),
-                "throughput" => println!("{:.0} jobs/s", throughput(500).await),
+                "throughput" => println!(
+                    "{:.0} jobs/s",
+                    throughput(Store::Sqlite, 4, 1, 500).await
+                ),
+                "postgres" => {
+                    let pg = postgres().await;
+                    for processes in [1, 3] {
+                        let url = pg.create_database(&format!("only{processes}")).unwrap();
+                        let rate = throughput(Store::Postgres(&url), 12, processes, 500).await;
+                        println!("{processes} process(es): {rate:.0} jobs/s");
+                    }
+                }
+                "memory" => {
+                    let m = memory(10_000, 1000, 100).await;
+                    println!(
+                        "empty {:.1} MiB, stored {:.1}, subscribed {:.1}, peak {:.1}, delivered {}/{}",
+                        m.empty, m.stored, m.subscribed, m.peak, m.delivered_min, m.live
+                    );
+                }
                 "warm" => println!("{:?}", warm_routing(120).await),
                 "gap" => {
                     println!("prefetch 0: {:?}", idle_gap(0, 30).await);
@@ -641,8 +549,17 @@ fn main() {
         eprintln!("load: warm routing ({n_warm} jobs, 3 structures)");
         let (warm, naive_warm) = warm_routing(n_warm).await;
         eprintln!("load: throughput ({n_tp} jobs)");
-        let tp = throughput(n_tp).await;
-        let naive_tp = naive_throughput(Duration::from_millis(500), 80).await;
+        let tp = throughput(Store::Sqlite, 4, 1, n_tp).await;
+        let naive_tp = naive_throughput(4, Duration::from_millis(500), 80).await;
+        eprintln!("load: PostgreSQL, 12 simulators, 1 and 3 serve processes ({n_tp} jobs each)");
+        let pg = postgres().await;
+        let pg1 = throughput(Store::Postgres(&pg.create_database("tp1").unwrap()), 12, 1, n_tp).await;
+        let pg3 = throughput(Store::Postgres(&pg.create_database("tp3").unwrap()), 12, 3, n_tp).await;
+        drop(pg);
+        let naive_tp12 = naive_throughput(12, Duration::from_millis(500), 240).await;
+        let (n_mem, n_subs) = if quick { (10_000, 1000) } else { (100_000, 1000) };
+        eprintln!("load: memory with {n_mem} stored jobs and {n_subs} subscribers");
+        let mem = memory(n_mem, n_subs, 100).await;
 
         let mut md = String::new();
         md.push_str("# comfyfleet benchmarks\n\n");
@@ -696,6 +613,25 @@ fn main() {
             tp / naive_tp.max(0.001),
             met(tp >= 1000.0)
         ));
+        md.push_str(&format!(
+            "| end-to-end jobs/s, 12 zero-time simulators, PostgreSQL, 1 `serve` process, {n_tp} jobs | {pg1:.0} jobs/s | {naive_tp12:.1} jobs/s (12 simulators, one job each at a time, 500 ms polling) | {:.0}× | — | |\n",
+            pg1 / naive_tp12.max(0.001)
+        ));
+        md.push_str(&format!(
+            "| end-to-end jobs/s, 12 zero-time simulators, PostgreSQL, 3 `serve` processes (submits spread over them), {n_tp} jobs | {pg3:.0} jobs/s ({:.2}× one process) | {naive_tp12:.1} jobs/s | {:.0}× | — | |\n",
+            pg3 / pg1.max(0.001),
+            pg3 / naive_tp12.max(0.001)
+        ));
+        md.push_str(&format!(
+            "| service RSS with {n_mem} stored jobs and {n_subs} live SSE subscribers (each received {} of the {} jobs run meanwhile) | {:.1} MiB (empty store {:.1}, after the jobs {:.1}, peak {:.1}) | — (the naive client has no service) | — | ≤ 150 MB (143 MiB) | {} |\n",
+            mem.delivered_min,
+            mem.live,
+            mem.subscribed,
+            mem.empty,
+            mem.stored,
+            mem.peak,
+            met(mem.subscribed * 1.048_576 <= 150.0 && mem.delivered_min == mem.live)
+        ));
         md.push_str(
             "\nReading the figures: everything — the service, the simulators and the clients — \
              runs on the same 2 cores, so these are upper bounds on overhead. The idle gap is \
@@ -707,14 +643,16 @@ fn main() {
              bench). The targets not met are open work of issue #10.\n",
         );
         md.push_str(
-            "\nNot yet measured by this harness (next steps of issue #10): jobs/s with 12 simulators on PostgreSQL with 1 vs 3 \
-             `serve` processes (the `postgres_scale` bench measures it with `worker` processes, see \
-             `benches/README.md`); service RSS \
-             with 100k stored jobs and 1,000 live SSE subscribers.\n\n\
+            "\nPostgreSQL runs use a private cluster the harness starts (`initdb` in a temp dir, \
+             as the tests do); the `serve` processes share one database and one `[[backends]]` \
+             list, with the fleet-wide capacity check on. The memory figure is the `serve` \
+             process's VmRSS from `/proc` (MiB; 150 MB = 143 MiB) after its store holds the \
+             finished jobs and while the subscribers are connected and receiving.\n\n\
              Reproduce: `cargo xtask bench` (writes this file); `cargo xtask bench --quick` for a \
-             short run. Per-part criterion benches: `cargo xtask bench criterion`.\n",
+             short run; `--only detection|silent|failover|gap|warm|throughput|postgres|memory` \
+             for one part. Per-part criterion benches: `cargo xtask bench criterion`.\n",
         );
-        std::fs::write(&out_path, &md).unwrap();
+        comfyfleet_benches::write_benchmarks_head(std::path::Path::new(&out_path), &md);
         println!("{md}");
     });
 }
