@@ -274,10 +274,19 @@ pub fn write_benchmarks_head(path: &Path, head: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// The test workflow: `seconds` of simulated work (a `TestSleep`), saved with prefix `tag`;
+/// distinct tags give distinct content (nothing cached), the same structure.
 pub fn wf(seconds: f64, tag: &str) -> Value {
-    serde_json::to_value(workflows::sleep_with_prefix(seconds, tag)).unwrap()
+    // Every node's inputs depend on `tag`: ComfyUI (and the simulator) cache a node whose inputs
+    // did not change, so a tag only on `SaveImage` would leave the sleep cached — zero work.
+    // The tag picks the empty image's colour; the structure stays the same for every tag.
+    let color = tag.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    }) % 0x00ff_ffff;
+    let mut w = serde_json::to_value(workflows::sleep_with_prefix(seconds, tag)).unwrap();
+    w["1"]["inputs"]["color"] = json!(color);
+    w
 }
-
 pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

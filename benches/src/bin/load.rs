@@ -634,13 +634,17 @@ fn main() {
         ));
         md.push_str(
             "\nReading the figures: everything — the service, the simulators and the clients — \
-             runs on the same 2 cores, so these are upper bounds on overhead. The idle gap is \
-             measured on the simulator (one prompt's history written → the next prompt taken up) \
-             and includes the simulator's own bookkeeping between prompts; with prefetch the next \
-             prompt is already queued there, so what remains is mostly that. Jobs/s goes through \
-             the HTTP API (each submit a request and a SQLite transaction) with the live-event \
-             stream open; the engine alone on the same simulators does more (`comfyui` criterion \
-             bench). The targets not met are open work of issue #10.\n",
+             runs on the same 2 cores, so these are upper bounds on overhead. Each job's work is \
+             uncached (its tag changes an input of every node; ComfyUI skips nodes whose inputs \
+             did not change). The idle gap is measured on the simulator (one prompt's history \
+             written → the next prompt taken up); jobs do 20 ms of work, so with prefetch the \
+             next prompt is already queued there when one ends. Jobs/s goes through the HTTP API \
+             (each submit a request and a SQLite transaction) with the live-event stream open; \
+             the engine alone on the same simulators does more (`comfyui` criterion bench). A \
+             profile of that run (perf, 2 cores): the harness's simulators and clients take \
+             about a third of the CPU, the `serve` process about half — a fifth of all of it on \
+             the SQLite writer thread, a third of which is committing each write transaction on \
+             its own (grouping concurrent writes into one commit is the next step).\n",
         );
         md.push_str(
             "\nPostgreSQL runs use a private cluster the harness starts (`initdb` in a temp dir, \

@@ -25,7 +25,9 @@ pub fn sleep(seconds: f64) -> Workflow {
     .expect("a fixed, valid workflow")
 }
 
-/// Like [`sleep`] with another widget value: same structure hash, other content hash.
+/// Like [`sleep`] with another widget value: same structure hash, other content hash. Only the
+/// `SaveImage` node's inputs change with `prefix`: a ComfyUI that ran the same sleep before
+/// serves it from its cache and does no work — vary an upstream input for work every time.
 pub fn sleep_with_prefix(seconds: f64, prefix: &str) -> Workflow {
     Workflow::from_value(json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 255}},
