@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -190,58 +189,19 @@ where
 }
 
 pub fn spawn_serve(config: &Path) -> (Child, String) {
-    let mut child = Command::new(binary())
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--bind",
-            "127.0.0.1:0",
-        ])
-        // `COMFYFLEET_BENCH_LOG=FILTER`: the service's log on this process's stderr.
-        .env(
-            "COMFYFLEET_LOG",
-            std::env::var("COMFYFLEET_BENCH_LOG").unwrap_or_else(|_| "error".into()),
-        )
-        .stdout(Stdio::piped())
-        .stderr(if std::env::var_os("COMFYFLEET_BENCH_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let url = loop {
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) if line.contains("dashboard at") => {
-                break Some(
-                    line.rsplit(' ')
-                        .next()
-                        .unwrap()
-                        .trim_end_matches('/')
-                        .to_owned(),
-                );
-            }
-            Ok(_) => {}
-            Err(_) => break None,
-        }
+    // `COMFYFLEET_BENCH_LOG=FILTER`: the service's log on this process's stderr.
+    let log = std::env::var("COMFYFLEET_BENCH_LOG").ok();
+    let stderr = if log.is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
     };
-    match url {
-        Some(url) => (child, url),
-        None => {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("comfyfleet serve did not print its URL");
-        }
-    }
+    comfyfleet_testkit::serve::spawn_serve(
+        &binary(),
+        config,
+        log.as_deref().unwrap_or("error"),
+        stderr,
+    )
 }
 
 /// `[[backends]]` entries `sim-0`, `sim-1`, … for the simulators, each with `extra` lines.

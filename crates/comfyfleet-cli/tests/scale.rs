@@ -297,56 +297,14 @@ async fn three_workers_on_one_postgres_share_the_fleet_through_a_kill_and_a_data
     );
 }
 
-/// `comfyfleet serve --config … --bind 127.0.0.1:0`; its URL from the first stdout line. Its
-/// stdout stays piped and read (a closed pipe would end the server at its next line).
+/// `comfyfleet serve` on `config`, and its URL.
 fn serve(config: &Path) -> (Child, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(assert_cmd::cargo::cargo_bin("comfyfleet"))
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--bind",
-            "127.0.0.1:0",
-        ])
-        .env("COMFYFLEET_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let url = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains("dashboard at") => {
-                break Some(
-                    line.rsplit(' ')
-                        .next()
-                        .unwrap()
-                        .trim_end_matches('/')
-                        .to_owned(),
-                );
-            }
-            Ok(_) => {}
-            Err(_) => break None,
-        }
-    };
-    match url {
-        Some(url) => (child, url),
-        None => {
-            child.kill().ok();
-            child.wait().ok();
-            panic!("serve did not print its URL");
-        }
-    }
+    comfyfleet_testkit::serve::spawn_serve(
+        &assert_cmd::cargo::cargo_bin("comfyfleet"),
+        config,
+        "error",
+        Stdio::null(),
+    )
 }
 
 /// Two `serve` processes on one database are one fleet: a job submitted (with an input file)

@@ -24,6 +24,7 @@ pub mod instance;
 mod multipart;
 pub mod pg;
 pub mod runninghub_sim;
+pub mod serve;
 pub mod sshd;
 pub mod store_conformance;
 pub mod workflows;
