@@ -1,7 +1,7 @@
 //! The [`InstallStore`](comfyfleet_core::InstallStore) operations as SQLite statements.
 //!
 //! The rules and their order are those of `comfyfleet_core::memory::installs`. Writes run in the
-//! caller's `BEGIN IMMEDIATE` transaction ([`crate::ops::write`]), so a check and the write that
+//! caller's `BEGIN IMMEDIATE` transaction (under a savepoint: [`crate::conn::Writer`]), so a check and the write that
 //! depends on it see the same database; the partial unique index `installs_one_active` holds the
 //! one-active-install-per-instance rule even against a writer that skipped the check.
 

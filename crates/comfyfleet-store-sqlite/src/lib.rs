@@ -30,8 +30,11 @@
 //!
 //! ## Design
 //!
-//! * **Threads.** One writer thread owns the write connection and runs every change, one short
-//!   `BEGIN IMMEDIATE` transaction per call, taking commands over a channel. Reads (`get`,
+//! * **Threads.** One writer thread owns the write connection and runs every change, taking
+//!   commands over a channel. Changes are group-committed: the changes already queued (up to
+//!   256) run in one short `BEGIN IMMEDIATE` transaction, each under its own savepoint (a
+//!   failing change is rolled back alone), and every caller is answered after the `COMMIT`; a
+//!   lone change is one transaction as before. Reads (`get`,
 //!   `list`, `counts`, `events`, a dry-run `reap`) run on separate reader connections inside
 //!   `spawn_blocking`, each in one read transaction (a consistent snapshot). No SQLite call runs
 //!   on an async worker thread, and no transaction outlives the call that opened it.
@@ -297,13 +300,14 @@ impl SqliteStore {
         }
     }
 
-    /// Runs a change in one `BEGIN IMMEDIATE` transaction on the writer thread.
+    /// Runs a change in a `BEGIN IMMEDIATE` transaction on the writer thread (group commit: see
+    /// [`conn::Writer`]); it is committed before this returns `Ok`.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.writer.call(move |c| ops::write(c, f)).await
+        self.writer.write(f).await
     }
 
     /// Runs a read in one read transaction on a reader connection.

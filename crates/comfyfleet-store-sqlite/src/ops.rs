@@ -21,26 +21,13 @@ use comfyfleet_core::{
     TimeoutPhase, Timestamp,
 };
 use rusqlite::types::Value;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::codec::{
     JOB_COLS, Loaded, SUMMARY_COLS, event_from_row, id_blob, id_from_blob, insert_event,
     job_from_row, load_attempts, load_job, ms, save_job, summary_from_row, to_json,
 };
 use crate::error::{Context, SqliteError};
-
-/// Runs `f` in a `BEGIN IMMEDIATE` transaction, committing only if it succeeds.
-pub(crate) fn write<T>(
-    conn: &mut Connection,
-    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .ctx("begin a write transaction")?;
-    let out = f(&tx)?;
-    tx.commit().ctx("commit")?;
-    Ok(out)
-}
 
 fn lost(lease: &Lease) -> StoreError {
     StoreError::LeaseLost {
