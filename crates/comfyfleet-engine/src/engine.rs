@@ -443,6 +443,28 @@ impl Inner {
                         }),
                         capacity: self.config.shared_store.then_some(capacity),
                     };
+                    if !self.config.shared_store {
+                        // Only the fleet-wide capacity check can refuse an attempt: record it
+                        // and start it in the background while the dispatcher claims the next
+                        // job (the slot is already taken, so the next pick sees it busy).
+                        let me = self.clone();
+                        self.tracker.spawn(async move {
+                            let started = retry_store(&me, "recording the attempt", || {
+                                me.store.start_attempt(&claimed.lease, start.clone(), now)
+                            })
+                            .await;
+                            match started {
+                                Ok(ev) => {
+                                    me.publish(ev);
+                                    me.spawn_attempt(claimed, workflow, guard, None);
+                                }
+                                Err(e) => {
+                                    warn!(job = %claimed.lease.job, error = %e, "could not record the attempt")
+                                }
+                            }
+                        });
+                        return true;
+                    }
                     let started = retry_store(self, "recording the attempt", || {
                         self.store.start_attempt(lease, start.clone(), now)
                     })
