@@ -401,7 +401,13 @@ struct MemoryFigures {
 async fn memory(jobs: usize, subscribers: usize, live: usize) -> MemoryFigures {
     let mut sims = Vec::new();
     for _ in 0..4 {
-        sims.push(ComfyUiSim::start(SimConfig::scaled(0.0)).await.unwrap());
+        // The service reads each prompt's history right after it ends: a short history keeps
+        // the harness's own memory small over 100,000 jobs (the default keeps 10,000 each).
+        let config = SimConfig {
+            history_cap: 1_000,
+            ..SimConfig::scaled(0.0)
+        };
+        sims.push(ComfyUiSim::start(config).await.unwrap());
     }
     let refs: Vec<&ComfyUiSim> = sims.iter().collect();
     let svc = Arc::new(Service::start(&comfyui_backends(&refs, "prefetch = 1"), "").await);
@@ -491,6 +497,12 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--only NAME`: one part, printed, nothing written.
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    // `--jobs N`: how many jobs the `--only throughput` / `postgres` parts run (default 500).
+    let only_jobs = std::env::args()
+        .skip_while(|a| a != "--jobs")
+        .nth(1)
+        .map(|n| n.parse::<usize>().expect("--jobs takes a positive number"))
+        .unwrap_or(500);
     if let Some(part) = only {
         rt.block_on(async {
             match part.as_str() {
@@ -499,13 +511,13 @@ fn main() {
                 "failover" => println!("{:?}", failover(1.0, 3).await),
                 "throughput" => println!(
                     "{:.0} jobs/s",
-                    throughput(Store::Sqlite, 4, 1, 500).await
+                    throughput(Store::Sqlite, 4, 1, only_jobs).await
                 ),
                 "postgres" => {
                     let pg = postgres().await;
                     for processes in [1, 3] {
                         let url = pg.create_database(&format!("only{processes}")).unwrap();
-                        let rate = throughput(Store::Postgres(&url), 12, processes, 500).await;
+                        let rate = throughput(Store::Postgres(&url), 12, processes, only_jobs).await;
                         println!("{processes} process(es): {rate:.0} jobs/s");
                     }
                 }

@@ -1213,7 +1213,9 @@ fn save_images(
     let mut counter = 1i64;
     if files.is_dir(&full) {
         let mut best: Option<i64> = None;
-        for name in files.list_dir(&full) {
+        // Only names starting with `filename_` can match (ComfyUI lists the whole folder and
+        // filters; same result).
+        for name in files.list_dir_starting(&full, &format!("{filename}_")) {
             let chars: Vec<char> = name.chars().collect();
             let head: String = chars.iter().take(prefix_len + 1).collect();
             let rest: String = chars.iter().skip(prefix_len + 1).collect();
