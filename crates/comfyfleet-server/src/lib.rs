@@ -305,6 +305,14 @@ impl Server {
             ));
         }
 
+        // Histogram samples wait in the recorder until drained; without this a service nobody
+        // scrapes would keep every job's samples forever.
+        tasks.spawn(metrics::upkeep_loop(
+            metrics::UPKEEP_EVERY,
+            stop.clone(),
+            move || metrics.upkeep(),
+        ));
+
         let app = routes::app(shared.clone());
         let serve_stop = stop.clone();
         tasks.spawn(async move {

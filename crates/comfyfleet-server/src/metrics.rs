@@ -15,6 +15,28 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 /// durations go unmeasured, counters stay exact).
 const MAX_TRACKED: usize = 100_000;
 
+/// How often the recorder's histogram samples are drained without a scrape (the period the
+/// exporter's own upkeep task uses).
+pub(crate) const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `upkeep` every `every` until `stop`. `metrics-exporter-prometheus` keeps each histogram
+/// sample (16 bytes) until something drains it, and a recorder built by hand has no upkeep task
+/// of its own: a service nobody scrapes would grow by every job's samples.
+pub(crate) async fn upkeep_loop(
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    upkeep: impl Fn(),
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => upkeep(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct Track {
     submitted: Option<Timestamp>,
@@ -123,6 +145,12 @@ impl Metrics {
         m
     }
 
+    /// Drains the histogram samples recorded since the last drain into their buckets (also
+    /// done by every render).
+    pub(crate) fn upkeep(&self) {
+        self.recorder.handle().run_upkeep();
+    }
+
     fn with<R>(&self, f: impl FnOnce() -> R) -> R {
         metrics::with_local_recorder(&self.recorder, f)
     }
@@ -227,5 +255,35 @@ impl Metrics {
         let handle = self.recorder.handle();
         handle.run_upkeep();
         handle.render()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn upkeep_runs_every_period_without_a_scrape_and_stops_with_the_server() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let counted = runs.clone();
+        let task = tokio::spawn(upkeep_loop(UPKEEP_EVERY, stop.clone(), move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "not at start");
+        tokio::time::sleep(UPKEEP_EVERY * 3).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        stop.cancel();
+        task.await.unwrap();
+        tokio::time::sleep(UPKEEP_EVERY * 3).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "stopped");
     }
 }

@@ -260,10 +260,10 @@ fn commit_group(conn: &Connection, group: Vec<Box<dyn Change>>) {
             }
         }
         Err(e) => {
-            if !conn.is_autocommit() {
-                if let Err(r) = conn.execute_batch("ROLLBACK") {
-                    tracing::warn!("rolling back a failed SQLite write group: {r}");
-                }
+            if !conn.is_autocommit()
+                && let Err(r) = conn.execute_batch("ROLLBACK")
+            {
+                tracing::warn!("rolling back a failed SQLite write group: {r}");
             }
             for reply in committed {
                 reply(Err(e.clone()));
