@@ -671,7 +671,8 @@ fn main() {
              finished jobs and while the subscribers are connected and receiving.\n\n\
              Reproduce: `cargo xtask bench` (writes this file); `cargo xtask bench --quick` for a \
              short run; `--only detection|silent|failover|gap|warm|throughput|postgres|memory` \
-             for one part. Per-part criterion benches: `cargo xtask bench criterion`.\n",
+             for one part (`--jobs N` sets the job count of `throughput` and `postgres`). \
+             Per-part criterion benches: `cargo xtask bench criterion`.\n",
         );
         comfyfleet_benches::write_benchmarks_head(std::path::Path::new(&out_path), &md);
         println!("{md}");
